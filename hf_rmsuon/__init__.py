@@ -1,0 +1,26 @@
+"""hf_rmsuon — the RMSuon optimizer family for the HuggingFace stack.
+
+Layers (dependencies point down): ``integration`` (transformers/Accelerate/PEFT) → ``registry`` →
+``routing`` → ``optim`` (one class per algorithm) → ``functional`` (pure tensor math).
+"""
+
+from .optim import ARS, AdaMuon, AdaRMSuon, ARS2Neo, FAdaRMSuon, FamilyOptimizer, Muon, PureNSMuon, RMSuon
+from .registry import available_optimizers, create_optimizer, get_optimizer_class, parse_optim_args
+from .routing import RoutingReport, route_model, route_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARS", "AdaMuon", "AdaRMSuon", "ARS2Neo", "FAdaRMSuon", "FamilyOptimizer", "Muon", "PureNSMuon", "RMSuon",
+    "RoutingReport", "available_optimizers", "create_optimizer", "get_optimizer_class", "parse_optim_args",
+    "route_model", "route_tensors",
+]
+
+
+def __getattr__(name: str):
+    # The transformers integration is imported lazily so the optimizers work without transformers.
+    if name in ("optimizer_cls_and_kwargs", "RMSuonTrainer", "install"):
+        from . import integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'hf_rmsuon' has no attribute {name!r}")

@@ -1,0 +1,348 @@
+"""Functional core: the pure tensor math of the family (no optimizer state, no Python-side control flow
+that depends on tensor values).
+
+The family is a composition of five stages, and this module holds one implementation of each:
+
+    moments (EMA of g, g²)  →  preconditioning (bias correction, whitening)
+    →  orthogonalization (Newton–Schulz)  →  energy (Frobenius norms)  →  decay
+
+plus the sharpness-aware pieces (perturbation, shear force, AGA alignment, ASI ρ-update).
+Every function works on lists of tensors so callers can use ``torch._foreach_*`` kernels and keep
+global reductions on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+ENERGY_EPS = 1e-10
+SHEAR_EPS = 1e-12
+
+# --------------------------------------------------------------------------------------------------
+# Orthogonalization
+# --------------------------------------------------------------------------------------------------
+
+
+def default_ns_dtype(device: torch.device | str) -> torch.dtype:
+    """Newton–Schulz compute dtype chosen per device.
+
+    bfloat16 on accelerators (tensor cores make it several times faster than fp32 there; the
+    quintic iteration is robust to its rounding). float32 on CPU: measured on the CPU Qwen3 preset,
+    bf16 matmuls are *slower* than fp32 on x86 CPUs without AMX, and fp32 is exact-er for free.
+    """
+    device = torch.device(device)
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def as_matrices(t: Tensor) -> Tensor:
+    """View a parameter as a (stack of) matrices: 4-D conv weights become ``(out, in·kh·kw)``;
+    2-D and 3-D (a stack of per-slice matrices) are returned as they are."""
+    if t.ndim == 4:
+        return t.reshape(t.shape[0], -1)
+    if t.ndim < 2:
+        raise ValueError(f"orthogonalization needs a tensor with ndim >= 2, got shape {tuple(t.shape)}")
+    return t
+
+
+def newton_schulz(
+    x: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Quintic Newton–Schulz approximation of ``U Vᵀ`` for ``X = U S Vᵀ`` over the last two dims.
+
+    ``X ← X/(‖X‖+1e-7)``; repeat ``A = X Xᵀ; B = b·A + c·A²; X = a·X + B X``. Works on the short side
+    (transposes when rows > cols). The singular values land in roughly [0.7, 1.2] rather than
+    exactly 1 — the coefficients trade exactness for speed, as in Muon. A zero input stays zero.
+    The result is returned in ``x.dtype``; leading dims are a batch.
+    """
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    a, b, c = coefficients
+    out_dtype = x.dtype
+    y = x.to(dtype)
+    transposed = y.size(-2) > y.size(-1)
+    if transposed:
+        y = y.mT
+    batch_shape = y.shape[:-2]
+    y = y.reshape(-1, *y.shape[-2:])
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS)
+    for _ in range(steps):
+        gram = y @ y.mT
+        # fused multiply-adds round once, like torch.optim.Muon's addmm
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.baddbmm(y, poly, y, beta=a)
+    y = y.reshape(*batch_shape, *y.shape[-2:])
+    if transposed:
+        y = y.mT
+    return y.to(out_dtype)
+
+
+def orthogonalize(
+    tensors: Sequence[Tensor],
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """``NS`` applied to each tensor, with same-shape matrices stacked into one batched call.
+
+    Conv weights are orthogonalized as ``(out, −1)`` matrices and 3-D tensors per slice; results
+    keep each input's shape and dtype.
+    """
+    if not tensors:
+        return []
+    results: list[Tensor | None] = [None] * len(tensors)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        m = as_matrices(t)
+        buckets[(tuple(m.shape), m.dtype, m.device)].append(i)
+    for (_, _, device), indices in buckets.items():
+        compute_dtype = dtype or default_ns_dtype(device)
+        batch = torch.stack([as_matrices(tensors[i]) for i in indices])
+        ortho = newton_schulz(batch, steps, coefficients, compute_dtype)
+        for j, i in enumerate(indices):
+            results[i] = ortho[j].reshape(tensors[i].shape)
+    return results  # type: ignore[return-value]
+
+
+def muon_lr_scale(shape: torch.Size | Sequence[int], adjust_lr: str) -> float:
+    """Muon's shape factor ``s``: ``√max(1, rows/cols)`` ("original") or ``0.2·√max(rows, cols)``
+    ("match_rms_adamw"), for the matrix view of ``shape``."""
+    rows, cols = shape[-2], shape[-1]
+    if len(shape) == 4:
+        rows, cols = shape[0], math.prod(shape[1:])
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr must be 'original' or 'match_rms_adamw', got {adjust_lr!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Moments and preconditioning
+# --------------------------------------------------------------------------------------------------
+
+
+def ema_lerp_(buffers: list[Tensor], values: list[Tensor], beta: float) -> None:
+    """In place: ``b ← β·b + (1−β)·x``."""
+    if buffers:
+        torch._foreach_lerp_(buffers, values, 1.0 - beta)
+
+
+def update_moments_(
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grads: list[Tensor],
+    beta1: float,
+    beta2: float,
+) -> None:
+    """In place: ``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``."""
+    if not grads:
+        return
+    ema_lerp_(exp_avgs, grads, beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+
+def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """``(1−β1^t, 1−β2^t)`` for 1-based ``t``."""
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def rms_denominators(exp_avg_sqs: list[Tensor], bias_correction2: float, eps: float) -> list[Tensor]:
+    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)``."""
+    if not exp_avg_sqs:
+        return []
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, math.sqrt(bias_correction2))
+    torch._foreach_add_(denoms, eps)
+    return denoms
+
+
+def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_correction1: float) -> list[Tensor]:
+    """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient."""
+    if not exp_avgs:
+        return []
+    whitened = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_div_(whitened, bias_correction1)
+    return whitened
+
+
+def frobenius_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor Frobenius norms as 0-d tensors, computed in float32 (no host sync)."""
+    if not tensors:
+        return []
+    return list(torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors]))
+
+
+def global_norm(tensors: list[Tensor]) -> Tensor:
+    """``√Σ‖t‖²`` over all tensors, on the device."""
+    norms = frobenius_norms(tensors)
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+# --------------------------------------------------------------------------------------------------
+# Update rules: one function per step kind; each returns the direction U (p ← p − lr·U)
+# --------------------------------------------------------------------------------------------------
+
+
+def adamw_direction(exp_avgs: list[Tensor], denoms: list[Tensor], bias_correction1: float) -> list[Tensor]:
+    """AdamW track: ``U = m̂/(√v̂+ε)`` (decay is applied separately, decoupled)."""
+    return whiten(exp_avgs, denoms, bias_correction1)
+
+
+def scale_by_energy(
+    directions: list[Tensor], energies: list[Tensor], normalize: bool
+) -> list[Tensor]:
+    """Energy re-injection: ``U = E·O`` or, with ``normalize``, ``U = E·O/(‖O‖+1e-10)``."""
+    if not directions:
+        return []
+    scales = [e.to(d.dtype) for e, d in zip(energies, directions)]
+    if normalize:
+        o_norms = frobenius_norms(directions)
+        scales = [s / (n.to(s.dtype) + ENERGY_EPS) for s, n in zip(scales, o_norms)]
+    return [d * s for d, s in zip(directions, scales)]
+
+
+def projected_natural_decay(
+    params: list[Tensor], denoms: list[Tensor], directions: list[Tensor], weight_decay: float
+) -> list[Tensor]:
+    """F-AdaRMSuon's projected natural weight decay ``wd·(⟨D,O⟩/‖O‖²)·O`` with ``D = p/(√v̂+ε)``:
+    the Fisher-preconditioned decay, kept only along the update direction ``O``."""
+    if not params:
+        return []
+    fisher_decay = torch._foreach_div(params, denoms)
+    out = []
+    for d, o in zip(fisher_decay, directions):
+        coeff = (d * o).sum() / (o.pow(2).sum() + SHEAR_EPS)
+        out.append(o * (weight_decay * coeff))
+    return out
+
+
+def elementwise_natural_decay(params: list[Tensor], denoms: list[Tensor], weight_decay: float) -> list[Tensor]:
+    """F-AdaRMSuon's first (element-wise) form ``wd·p/(√v̂+ε)``; kept for the ablation."""
+    if not params:
+        return []
+    out = torch._foreach_div(params, denoms)
+    torch._foreach_mul_(out, weight_decay)
+    return list(out)
+
+
+def decoupled_decay_(params: list[Tensor], lr: float, weight_decay: float) -> None:
+    """``p ← p·(1 − lr·wd)``."""
+    if params and lr * weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def apply_updates_(params: list[Tensor], updates: list[Tensor], lrs: list[float] | float) -> None:
+    """``p ← p − lr·U`` (``lrs`` may be per tensor, e.g. Muon's shape-adjusted rates)."""
+    if not params:
+        return
+    if isinstance(lrs, float | int):
+        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-lrs)
+        return
+    for p, u, lr in zip(params, updates, lrs):
+        p.add_(u.to(p.dtype), alpha=-lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharpness-aware pieces (ARS / ARS2-Neo)
+# --------------------------------------------------------------------------------------------------
+
+
+def sam_perturbation(
+    grads: list[Tensor],
+    denoms: list[Tensor | None],
+    params: list[Tensor],
+    rho: float | Tensor,
+    adaptive: bool,
+    perturb_norm: str,
+) -> list[Tensor]:
+    """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
+    times ``|p|`` when ``adaptive``. ``‖N‖`` is global ("global") or each tensor's own ("per_tensor")."""
+    directions = [g / d if d is not None else g.clone() for g, d in zip(grads, denoms)]
+    if adaptive:
+        torch._foreach_mul_(directions, [p.abs() for p in params])
+    if perturb_norm == "global":
+        scale = rho / (global_norm(directions) + SHEAR_EPS)
+        torch._foreach_mul_(directions, scale.to(directions[0].device) if isinstance(scale, Tensor) else scale)
+        return directions
+    if perturb_norm == "per_tensor":
+        norms = frobenius_norms(directions)
+        return [n_dir * (rho / (n + SHEAR_EPS)).to(n_dir.dtype) for n_dir, n in zip(directions, norms)]
+    raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+
+
+def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor]) -> list[Tensor]:
+    """Per tensor, the part of ``g_adv`` orthogonal to ``g``: ``s = g_adv − (⟨g_adv,g⟩/(‖g‖²+1e-12))·g``."""
+    out = []
+    for ga, g in zip(adv_grads, base_grads):
+        coeff = (ga * g).sum() / (g.pow(2).sum() + SHEAR_EPS)
+        out.append(ga - coeff * g)
+    return out
+
+
+def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor (new tensors)."""
+    if not grads:
+        return []
+    g_norms = frobenius_norms(grads)
+    s_norms = frobenius_norms(shears)
+    return [g + s * (alpha * gn / (sn + SHEAR_EPS)).to(g.dtype) for g, s, gn, sn in zip(grads, shears, g_norms, s_norms)]
+
+
+def alignment(grads: list[Tensor], shears: list[Tensor]) -> Tensor:
+    """Signed global alignment ``Σ⟨g,s⟩ / (√Σ‖g‖²·√Σ‖s‖² + 1e-12)`` (a 0-d tensor on the device).
+    AGA's φ_t is its absolute value under ``aga_rule="abs"``."""
+    dot = torch.stack([(g.float() * s.float()).sum() for g, s in zip(grads, shears)]).sum()
+    return dot / (global_norm(grads) * global_norm(shears) + SHEAR_EPS)
+
+
+def aga_phi(signed_alignment: Tensor, rule: str) -> Tensor:
+    """φ_t under ``rule``: ``|cos|`` ("abs", the design) or the signed value ("signed", reference code)."""
+    if rule == "abs":
+        return signed_alignment.abs()
+    if rule == "signed":
+        return signed_alignment
+    raise ValueError(f"aga_rule must be 'abs' or 'signed', got {rule!r}")
+
+
+def aga_triggers_sync(phi: Tensor, nu_hat: Tensor, aga_lambda: float, rule: str) -> Tensor:
+    """Staleness test: ``φ > λ·√ν̂`` ("abs") or ``φ < −λ·√ν̂`` ("signed"). Returns a bool tensor."""
+    threshold = aga_lambda * nu_hat.sqrt()
+    return phi > threshold if rule == "abs" else phi < -threshold
+
+
+def aga_alpha(phi: Tensor, alpha: float, aga_gamma: float, rule: str) -> Tensor:
+    """Injection strength: ``α·(1−φ)^γ`` ("abs") or ``α·(1+max(0,φ))^γ`` ("signed")."""
+    if rule == "abs":
+        return alpha * (1.0 - phi).clamp(min=0.0) ** aga_gamma
+    return alpha * (1.0 + phi.clamp(min=0.0)) ** aga_gamma
+
+
+def asi_rho(
+    rho: float,
+    rho0: float,
+    gap: float,
+    ema_gap: float,
+    loss_delta: float,
+    alpha: float,
+    aga_gamma: float,
+) -> float:
+    """ASI ρ-update from the surrogate gap ``h``: ``μ = γ if |h| > ema_gap else 1``, ``η = 0.01·α``;
+    grow ρ by ``(1+η·μ)`` while the loss EMA falls (``Δ < 0``), shrink by ``(1−η·μ)`` otherwise;
+    clip to ``[0.1·ρ0, 10·ρ0]``. ``ema_gap`` is the EMA *after* this step's update."""
+    eta = 0.01 * alpha
+    mu = aga_gamma if abs(gap) > ema_gap else 1.0
+    rho = rho * (1.0 + eta * mu) if loss_delta < 0 else rho * (1.0 - eta * mu)
+    return min(max(rho, 0.1 * rho0), 10.0 * rho0)
