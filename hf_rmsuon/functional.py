@@ -13,6 +13,7 @@ global reductions on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,15 +31,29 @@ SHEAR_EPS = 1e-12
 # --------------------------------------------------------------------------------------------------
 
 
-def default_ns_dtype(device: torch.device | str) -> torch.dtype:
-    """Newton–Schulz compute dtype chosen per device.
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); read once from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    bfloat16 on accelerators (tensor cores make it several times faster than fp32 there; the
-    quintic iteration is robust to its rounding). float32 on CPU: measured on the CPU Qwen3 preset,
-    bf16 matmuls are *slower* than fp32 on x86 CPUs without AMX, and fp32 is exact-er for free.
+
+def default_ns_dtype(device: torch.device | str) -> torch.dtype:
+    """Newton–Schulz compute dtype chosen per device, by measurement (see BENCHMARKS.md).
+
+    bfloat16 on accelerators (tensor cores) and on CPUs with native bf16 matmul (AVX512-BF16/AMX:
+    measured 1.9–2.7× faster than fp32 for NS on an AVX512-BF16 EPYC); float32 on other CPUs, where
+    bf16 matmul is emulated and slower. The quintic iteration is robust to bf16 rounding (Muon's
+    default). Override with ``ns_dtype``.
     """
     device = torch.device(device)
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16
 
 
 def as_matrices(t: Tensor) -> Tensor:
