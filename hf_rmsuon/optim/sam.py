@@ -144,8 +144,17 @@ class ARS(AdaRMSuon):
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     # -- the second pass ---------------------------------------------------------------------------------
-    def begin_sam_pass(self) -> None:
-        """Save ``w`` and the base gradient, move to ``w + e`` and zero the gradients for the replay."""
+    def reset_sam_pass(self) -> None:
+        """Forget any plan or recorded pass (e.g. one left by a step that a grad scaler skipped)."""
+        self._plan = None
+        self._pass = None
+
+    @torch.no_grad()
+    def begin_sam_pass(self, grad_scale: float | None = None) -> None:
+        """Save ``w`` and the base gradient, move to ``w + e`` and zero the gradients for the replay.
+
+        ``grad_scale``: the loss scale the gradients carry (fp16 GradScaler); the perturbation
+        direction is computed from the unscaled gradient so ``ε`` keeps its meaning."""
         if self._plan is None or not self._plan["due"]:
             raise RuntimeError("begin_sam_pass() called but no sync step is due; check sam_pass_due() first")
         if self._pass is not None:
@@ -161,7 +170,8 @@ class ARS(AdaRMSuon):
                 denoms.append(F.rms_denominators([st["exp_avg_sq"]], bc2, group["eps"])[0])
             else:
                 denoms.append(None)  # first step: N = g
-        e = F.sam_perturbation(grads, denoms, params, self.sam["rho"], self.defaults["adaptive"],
+        direction_grads = grads if not grad_scale else [g / grad_scale for g in grads]
+        e = F.sam_perturbation(direction_grads, denoms, params, self.sam["rho"], self.defaults["adaptive"],
                                self.defaults["perturb_norm"])
         self._pass = {
             "params": params,
