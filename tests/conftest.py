@@ -9,6 +9,7 @@ under any pytest import mode.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import pytest
@@ -16,6 +17,11 @@ import torch
 from torch import nn
 
 NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315
+
+# The test tensors are tiny: intra-op threads only add contention (measured 50× slower per step on
+# this 2-core machine when another process is busy). `make test` exports OMP_NUM_THREADS=1 already.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 # --------------------------------------------------------------------------------------------------
 # Newton–Schulz and the matrix view (SPEC §3)
@@ -174,8 +180,9 @@ class RefOptimizer:
             o = ns(torch.sign(u))
             st["V"] = b2 * st["V"] + (1 - b2) * o * o
             u_hat = o / (st["V"].sqrt() + eps)
-            rows, cols = matrix_dims(p.shape)
-            update = u_hat * 0.2 * math.sqrt(rows * cols) / (fro(u_hat) + eps)
+            # 0.2·√(rows·cols)/‖Û‖ gives the update an RMS of 0.2; for a 3-D stack (SPEC is silent)
+            # the whole stack counts, i.e. √numel — whole-tensor RMS 0.2, as the package does.
+            update = u_hat * 0.2 * math.sqrt(p.numel()) / (fro(u_hat) + eps)
         elif name == "rmsuon":
             m_hat, v_hat = self._moments(g, st)
             energy = fro(m_hat / (v_hat.sqrt() + eps))
