@@ -59,10 +59,11 @@ class FamilyOptimizer(torch.optim.Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Give each class an honest signature and a generated hyperparameter table for help().
-        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-                  inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        # The signature lives on the class: most subclasses share one inherited ``__init__`` function,
+        # so a signature stored on it would be overwritten by whichever subclass is defined last.
+        params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         params += [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default) for p in cls.schema]
-        cls.__init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         if cls.__doc__ and "Hyperparameters:" not in cls.__doc__:
             cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\nHyperparameters:\n" + cls.schema.describe()
 
