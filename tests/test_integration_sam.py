@@ -246,13 +246,9 @@ def _run_ddp(tmp_path, monkeypatch, ga: int) -> None:
     check_exact_sam(ranks[1]["sam"], ranks[1]["step"], data, steps=2)
 
 
-def test_exact_sam_ddp_ga2(tmp_path, monkeypatch):
-    _run_ddp(tmp_path, monkeypatch, ga=2)
-
-
-@pytest.mark.slow
-def test_exact_sam_ddp_ga1(tmp_path, monkeypatch):
-    _run_ddp(tmp_path, monkeypatch, ga=1)
+@pytest.mark.parametrize("ga", [1, 2])
+def test_exact_sam_ddp(tmp_path, monkeypatch, ga):
+    _run_ddp(tmp_path, monkeypatch, ga)
 
 
 # --------------------------------------------------------------------------------------------------
