@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -106,6 +106,7 @@ def orthogonalize(
     steps: int = 5,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     dtype: torch.dtype | None = None,
+    kernel: Callable[..., Tensor] | None = None,
 ) -> list[Tensor]:
     """``NS`` applied to each tensor, with same-shape matrices stacked into one batched call.
 
@@ -122,10 +123,16 @@ def orthogonalize(
     for (_, _, device), indices in buckets.items():
         compute_dtype = dtype or default_ns_dtype(device)
         batch = torch.stack([as_matrices(tensors[i]) for i in indices])
-        ortho = newton_schulz(batch, steps, coefficients, compute_dtype)
+        ortho = (kernel or newton_schulz)(batch, steps, coefficients, compute_dtype)
         for j, i in enumerate(indices):
             results[i] = ortho[j].reshape(tensors[i].shape)
     return results  # type: ignore[return-value]
+
+
+@functools.cache
+def compiled_newton_schulz() -> Callable[..., Tensor]:
+    """``torch.compile``-d :func:`newton_schulz` (built once per process, on first use)."""
+    return torch.compile(newton_schulz, dynamic=False)
 
 
 def muon_lr_scale(shape: torch.Size | Sequence[int], adjust_lr: str) -> float:

@@ -7,6 +7,7 @@ hyperparameter schema; everything else is here, once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .hparams import HyperParam, Schema, beta, betas, choice, eps, integer, nonneg
+from .distributed import data_parallel_world, split_orthogonalize
+from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg
 
 MATRIX = "matrix"
 ADAMW = "adamw"
@@ -35,6 +37,8 @@ COMMON_HPARAMS = (
     HyperParam("ns_coefficients", "floats3", F.NS_COEFFICIENTS, "quintic Newton–Schulz coefficients (a, b, c)"),
     choice("ns_dtype", "auto", ("auto", "bfloat16", "float32"), "Newton–Schulz compute dtype (auto: per device)"),
     choice("on_nonfinite", "skip", ("skip", "raise"), "non-finite gradient: skip the whole step, or raise"),
+    flag("split_ns", True, "under torch.distributed, each rank orthogonalizes a share and results are gathered"),
+    flag("compile", False, "torch.compile the Newton–Schulz kernel (off by default)"),
 )
 
 
@@ -82,7 +86,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         """Hook for cross-argument checks (subclasses)."""
 
     #: hyperparameters that define one optimizer-wide computation and so cannot differ per group
-    global_hparams: tuple[str, ...] = ("on_nonfinite",)
+    global_hparams: tuple[str, ...] = ("on_nonfinite", "split_ns", "compile")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
@@ -162,11 +166,20 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
     def _grads_finite(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> bool:
         """One device reduction and one host read for the whole step."""
+        return self._accept_gradients(bool(self._finite_flag(gathered)))
+
+    @staticmethod
+    def _finite_flag(gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
+        """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read)."""
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
-            return True
+            return torch.tensor(True)
         maxima = torch._foreach_norm(grads, float("inf"))
-        if bool(torch.isfinite(torch.stack([m.float() for m in maxima])).all()):
+        return torch.isfinite(torch.stack([m.float() for m in maxima])).all()
+
+    def _accept_gradients(self, finite: bool) -> bool:
+        """Apply the ``on_nonfinite`` policy: True to go on with the step."""
+        if finite:
             return True
         if self.defaults["on_nonfinite"] == "raise":
             raise FloatingPointError(
@@ -259,8 +272,14 @@ class FamilyOptimizer(torch.optim.Optimizer):
         F.apply_updates_(params, updates, group["lr"])
 
     def _ns(self, group: dict, tensors: list[Tensor]) -> list[Tensor]:
+        """Orthogonalize the group's matrices (batched by shape; split across DDP ranks if enabled)."""
         dtype = None if group["ns_dtype"] == "auto" else getattr(torch, group["ns_dtype"])
-        return F.orthogonalize(tensors, group["ns_steps"], tuple(group["ns_coefficients"]), dtype)
+        kernel = F.compiled_newton_schulz() if self.defaults["compile"] else F.newton_schulz
+        orthogonalize = functools.partial(F.orthogonalize, steps=group["ns_steps"],
+                                          coefficients=tuple(group["ns_coefficients"]), dtype=dtype, kernel=kernel)
+        if self.defaults["split_ns"] and data_parallel_world() > 1:
+            return split_orthogonalize(tensors, orthogonalize)
+        return orthogonalize(tensors)
 
     # -- diagnostics and state ------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:

@@ -109,9 +109,8 @@ class ARS(AdaRMSuon):
     def sam_pass_due(self) -> bool:
         """Whether the coming step is a sync step. Call after the base gradient is complete (all
         micro-batches accumulated, all ranks reduced); AGA reads it to decide."""
-        if self._pass is None:
+        if self._plan is None:
             self._plan = self._make_plan()
-        assert self._plan is not None
         return self._plan["due"]
 
     def _make_plan(self) -> dict[str, Any]:
@@ -129,15 +128,22 @@ class ARS(AdaRMSuon):
             return plan
         rule = self.defaults["aga_rule"]
         phi = F.aga_phi(F.alignment([g for g, _ in pairs], [s for _, s in pairs]), rule)
-        plan["phi"] = phi
-        plan["alpha"] = F.aga_alpha(phi, self.defaults["alpha"], self.defaults["aga_gamma"], rule)
+        alpha = F.aga_alpha(phi, self.defaults["alpha"], self.defaults["aga_gamma"], rule)
+        plan.update(phi=phi, alpha=alpha)
         forced = k > 1 and t - self.sam["last_sync"] >= k
         if forced:
             plan["due"] = True
-        elif self.sam["nu_count"] > 0:  # no staleness statistics yet → no φ-triggered sync
-            nu_hat = self.sam["nu"] / (1.0 - self.defaults["aga_beta"] ** self.sam["nu_count"])
-            trigger = F.aga_triggers_sync(phi, torch.tensor(nu_hat), self.defaults["aga_lambda"], rule)
-            plan["due"] = bool(trigger)  # the one host read of an AGA step
+        else:
+            trigger = torch.tensor(False)
+            if self.sam["nu_count"] > 0:  # no staleness statistics yet → no φ-triggered sync
+                nu_hat = self.sam["nu"] / (1.0 - self.defaults["aga_beta"] ** self.sam["nu_count"])
+                trigger = F.aga_triggers_sync(phi, torch.tensor(nu_hat), self.defaults["aga_lambda"], rule)
+            # the one host read of a lazy AGA step: the decision, φ and finiteness together
+            grads = [(None, [], [g for g, _ in pairs])]
+            flags = [trigger, self._finite_flag(grads), phi, alpha]
+            due, finite, phi_value, alpha_value = torch.stack(
+                [f.to(phi.device, torch.float32) for f in flags]).tolist()
+            plan.update(due=bool(due), finite=bool(finite), phi=phi_value, alpha=alpha_value)
         return plan
 
     def _params_with_grad(self) -> list[Tensor]:
@@ -205,6 +211,8 @@ class ARS(AdaRMSuon):
         rng = RNGState() if closure is not None and self.defaults["replay_rng"] else None
         loss = None
         if closure is not None:
+            if self._pass is None:
+                self._plan = None  # the closure produces new gradients: plan from those
             with torch.enable_grad():
                 loss = closure()
         try:
@@ -238,12 +246,23 @@ class ARS(AdaRMSuon):
     def _sam_update(self) -> None:
         plan = self._plan if self._plan is not None else self._make_plan()
         gathered = self._gather()
-        if not self._grads_finite(gathered):
-            return
         sync = self._pass is not None
         if sync:
+            # one host read: finiteness of g_adv together with the two losses (surrogate gap, ASI)
+            losses = [self._pass.get("loss"), self._pass.get("adv_loss")]
+            finite_flag = self._finite_flag(gathered)
+            exact = torch.float32 if finite_flag.device.type == "mps" else torch.float64  # losses feed ASI
+            known = [torch.as_tensor(v).detach().to(finite_flag.device, exact) for v in losses if v is not None]
+            values = torch.stack([finite_flag.to(exact), *known]).tolist()
+            self._pass["loss"], self._pass["adv_loss"] = (values[1], values[2]) if len(known) == 2 else (None, None)
+            if not self._accept_gradients(bool(values[0])):
+                return
             self._after_sync(gathered, plan)
         else:
+            known_finite = plan.get("finite")  # read together with AGA's decision
+            finite = known_finite if known_finite is not None else bool(self._finite_flag(gathered))
+            if not self._accept_gradients(finite):
+                return
             gathered = self._lazy_gradients(gathered, plan)
         self.sam["step"] = plan["t"]
         self.stats["steps"] += 1
