@@ -403,7 +403,7 @@ def test_asi_rho_update_and_clipping(ref):
         assert opt.sam["rho"] == pytest.approx(expected[i + 1], rel=1e-12)
         diag = opt.diagnostics()
         assert diag["rho"] == pytest.approx(expected[i + 1], rel=1e-12)
-        assert diag["surrogate_gap"] == pytest.approx(adv - loss, rel=1e-12)
+        assert diag["surrogate_gap"] == pytest.approx(adv - loss, abs=1e-6)  # losses may be read as float32
 
 
 def test_asi_off_keeps_rho_fixed(ref):
