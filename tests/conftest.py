@@ -111,7 +111,8 @@ class RefOptimizer:
     """Plain float64 re-implementation of one family member's update, driven by given gradients.
 
     ``tracks[i]`` is "matrix" or "adamw". ``step(grads)`` applies one update to ``self.params`` and
-    returns the matrix-track directions U (before the learning rate), for energy checks.
+    returns the matrix-track directions U (before the learning rate), for energy checks. A ``None``
+    gradient skips that parameter (its own step count then lags the others').
     For ``ars``/``ars2_neo`` the caller passes the gradient the step should use (g_adv on sync steps,
     the shear-injected gradient on lazy steps): the matrix rule is AdaRMSuon's.
     """
@@ -126,6 +127,9 @@ class RefOptimizer:
     def step(self, grads) -> list[torch.Tensor | None]:
         directions = []
         for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None:  # no gradient: the parameter and its state are left alone
+                directions.append(None)
+                continue
             g = g.detach().to(torch.float64)
             if self.tracks[i] == "adamw":
                 self.params[i] = self._adamw(p, g, self.state[i])

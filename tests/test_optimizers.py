@@ -169,6 +169,35 @@ def test_per_group_hyperparameters(ref):
     torch.testing.assert_close(b.detach(), ref_b.params[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["rmsuon", "ada_rmsuon", "f_ada_rmsuon", "adamuon", "muon"])
+def test_late_starting_parameter_has_its_own_step_count(ref, name):
+    """A tensor that first gets a gradient at step 3 is bias-corrected as at its own step 1, while the
+    rest of its group is at step 3 (both tracks)."""
+    mats, vecs = _make_tensors(seed=9)
+    mats, vecs = mats[:2], vecs[:2]
+    params = mats + vecs
+    hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
+    opt = get_optimizer_class(name)([{"params": mats, "track": "matrix"}, {"params": vecs, "track": "adamw"}],
+                                    ns_dtype="float32", **hp)
+    model = ref.RefOptimizer(name, params, ["matrix", "matrix", "adamw", "adamw"], **hp)
+    init = [p.detach().clone() for p in params]
+    gen = _gen(10)
+    for t in range(4):
+        late = t < 2  # params[1] and params[3] receive no gradient on the first two steps
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        if late:
+            grads[1] = grads[3] = None
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        model.step(grads)
+        for p, p0, want in zip(params, init, model.params):
+            if torch.equal(want, p0):
+                assert torch.equal(p.detach(), p0)
+            else:
+                _assert_rel(p.detach() - p0, want - p0, 2e-5)
+
+
 def test_zero_gradient_decay_paths():
     """A zero gradient gives U = 0 (NS(0) = 0, E = 0), isolating the weight-decay term: Euclidean
     members shrink matrices by (1 − lr·wd); f_ada_rmsuon (projected) has no Euclidean decay on the
@@ -363,12 +392,15 @@ def _assert_unchanged(opt, params, snap):
         assert opt.sam == sam
 
 
-@pytest.mark.parametrize("name", ALL)
+NONFINITE_CASES = [(n, {"k": 2} if n in SAM_MEMBERS else {}) for n in ALL] + [
+    ("ars2_neo", dict(k=3, adaptive_sync=True, asi=True))]
+
+
+@pytest.mark.parametrize("name,extra", NONFINITE_CASES, ids=[f"{n}-{len(e)}" for n, e in NONFINITE_CASES])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_the_whole_step(ref, name, bad):
+def test_nonfinite_gradient_skips_the_whole_step(ref, name, extra, bad):
     model, x, y = ref.regression_problem(seed=2)
-    opt = create_optimizer(name, model, lr=ref.TRAIN_LR[name], k=2) if name in SAM_MEMBERS else \
-        create_optimizer(name, model, lr=ref.TRAIN_LR[name])
+    opt = create_optimizer(name, model, lr=ref.TRAIN_LR[name], **extra)
     params = list(model.parameters())
     good = _closure(opt, model, x, y)
     for _ in range(3):
