@@ -1,0 +1,647 @@
+"""BENCHMARKS.md and the PNG plots, generated from the recorded JSON (``<out>/results/*.json``):
+every number in a table and every line in a plot comes from the same files.
+
+    python -m benchmarks.report --setting full      # BENCHMARKS.md + benchmarks/plots/*.png
+    python -m benchmarks.report --setting quick     # runs/bench-quick/{BENCHMARKS.md,plots/}
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from . import common
+
+CLAIMS = {
+    "grokking": "grokking about 4× sooner than AdamW (epoch 228 → 54)",
+    "wt2": "WikiText-2 perplexity after 5 epochs: AdaRMSuon 83.9 and ARS 80.9 against AdamW 104.7",
+    "lazy": "lazy SAM (ARS2-Neo) at a fraction of SAM's cost",
+}
+FAMILY_GROK = ("muon", "rmsuon", "ada_rmsuon", "ars", "ars2_neo (Lazy k=5)", "ars2_neo (Lazy k=5 + AGA)")
+
+
+def load(paths: common.Paths) -> dict[str, Any]:
+    data = {}
+    for name in ("cost", "grokking", "wt2"):
+        path = paths.result(name)
+        if path.is_file():
+            data[name] = common.read_json(path)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# formatting helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return "∞" if x > 0 else "nan"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(head: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def epochs_cell(s: dict[str, Any], cap: int) -> str:
+    """median (min–max), not-reached seeds shown as >cap."""
+    if not s:
+        return "—"
+
+    def one(v: float | None) -> str:
+        return f">{cap}" if v is None else f"{v:.0f}"
+
+    return f"{one(s['median'])} ({one(s['min'])}–{one(s['max'])}; {s['reached']}/{s['n']})"
+
+
+def rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cost(cost: dict[str, Any], out: Path) -> list[Path]:
+    plt = _plt()
+    files = []
+    rows = cost["optimizer_step"]["rows"]
+    names = list(rows)
+    med = [rows[n]["wall"]["median_ms"] for n in names]
+    lo = [rows[n]["wall"]["median_ms"] - rows[n]["wall"]["q1_ms"] for n in names]
+    hi = [rows[n]["wall"]["q3_ms"] - rows[n]["wall"]["median_ms"] for n in names]
+    cpu = [rows[n]["cpu"]["median_ms"] for n in names]
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(names) + 1.5))
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], med, height=0.4, xerr=[lo, hi], label="wall-clock (median, IQR)", color="C0")
+    ax.barh([i - 0.2 for i in y], cpu, height=0.4, label="thread CPU time (median)", color="C1", alpha=0.7)
+    ax.set_yticks(list(y), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("optimizer.step() time [ms]")
+    ax.set_title(f"Optimizer step on the CPU Qwen3 preset's {cost['optimizer_step']['n_params']:,} parameters\n"
+                 "(1 thread, interleaved rounds, random gradients)")
+    ax.legend(loc="upper right", framealpha=0.95)
+    fig.tight_layout()
+    files.append(out / "cost_optimizer_step.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    rows = cost["training_step"]["rows"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.6))
+    for i, n in enumerate(names):
+        r = rows[n]
+        ax.barh(i, r["wall"]["mean_ms"], height=0.6, color="C0", alpha=0.5,
+                label="mean step (all steps)" if i == 0 else None)
+        for kind, color, mark in (("lazy", "C2", "o"), ("sync", "C3", "s"), ("plain", "C1", "D")):
+            if f"wall_{kind}" in r:
+                ax.plot(r[f"wall_{kind}"]["median_ms"], i, mark, color=color, ms=8,
+                        label=f"median {kind} step" if not any(
+                            f"wall_{kind}" in rows[m] for m in names[:i]) else None)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("training step (forward + backward + step) [ms]")
+    ax.set_title(f"Training-step wall-clock, CPU preset, batch {cost['training_step']['batch_size']}×"
+                 f"{cost['training_step']['context_length']} (1 thread)")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.95)
+    fig.tight_layout()
+    files.append(out / "cost_training_step.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    rows = cost["optimizer_step"]["rows"]
+    names = [n for n in rows if n not in ("muon (ns fp32)", "muon (ns auto)", "ada_rmsuon (ns fp32)")]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.4))
+    ax.barh(range(len(names)), [rows[n]["memory"]["bytes_per_param"] for n in names], color="C4")
+    for i, n in enumerate(names):
+        ax.text(rows[n]["memory"]["bytes_per_param"] + 0.1, i, f"{rows[n]['memory']['bytes_per_param']:.1f}",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("optimizer state [bytes per model parameter] (fp32 parameters: 4 bytes each)")
+    ax.set_title("Optimizer-state memory after the timed steps")
+    fig.tight_layout()
+    files.append(out / "cost_memory.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def plot_grokking(grok: dict[str, Any], out: Path) -> list[Path]:
+    plt = _plt()
+    files = []
+    summary = grok.get("summary", {})
+    if not summary:
+        return files
+    cap = grok["config"]["epochs"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (c, s) in enumerate(summary.items()):
+        curve = s["median_test_acc_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, label=f"{c} (lr {s['lr']:g})", color=f"C{i}",
+                ls="--" if c == "adamw" else "-")
+    ax.axhline(0.99, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (median over seeds)")
+    ax.set_xlim(1, cap)
+    ax.set_xscale("log")
+    n = max(len(s["seeds"]) for s in summary.values())
+    ax.set_title(f"Grokking (a+b) mod 113: median test accuracy over {n} seeds\n"
+                 "(a run stopped at 99% holds its last value)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "grokking_curves.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = list(summary)
+    for i, c in enumerate(names):
+        for t, mark, dx in (("0.5", "^", -0.2), ("0.9", "s", 0.0), ("0.99", "o", 0.2)):
+            vals = summary[c]["epochs_to"][t]["values"]
+            xs = [v if v is not None else cap * 1.08 for v in vals]
+            ax.scatter(xs, [i + dx] * len(xs), marker=mark, color=f"C{['0.5', '0.9', '0.99'].index(t)}",
+                       alpha=0.7, label=f"epochs to {float(t):.0%}" if i == 0 else None,
+                       facecolors="none" if t != "0.99" else None)
+    ax.axvline(cap, color="grey", ls=":", lw=0.8)
+    ax.text(cap, len(names) - 0.4, " cap", color="grey", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("epochs (each seed; points right of the cap never reached the threshold)")
+    ax.set_title("Grokking: epochs to 50/90/99% test accuracy, per seed")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "grokking_epochs.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def plot_wt2(wt2: dict[str, Any], out: Path) -> list[Path]:
+    plt = _plt()
+    files = []
+    main = {c: r for c, r in wt2.get("main", {}).items() if "error" not in r}
+    if main:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for i, (c, r) in enumerate(main.items()):
+            style = "--" if c == "adamw" else ("-" if i < 10 else "-.")
+            for ax, split in zip(axes, ("test", "dev")):
+                pts = r["curves"][split]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], style, marker=".", color=f"C{i % 10}",
+                            label=f"{c} (lr {r['lr']:.2g})")
+        sub = wt2["config"]["test_subset"]
+        axes[0].set_title(f"WT2-offline: test perplexity (first {sub} test chunks) vs step" if sub
+                          else "WT2-offline: test perplexity vs step")
+        axes[1].set_title("held-out dev (last 5% of the training lines) perplexity vs step")
+        for ax in axes:
+            ax.set_xlabel("optimizer step (batch 8 × 128 tokens)")
+            ax.set_ylabel("perplexity")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+        lows = [p[2] for r in main.values() for p in r["curves"]["test"]]
+        if lows:
+            axes[0].set_ylim(min(lows) * 0.95, min(lows) * 3)
+        lows = [p[2] for r in main.values() for p in r["curves"]["dev"]]
+        if lows:
+            axes[1].set_ylim(min(lows) * 0.95, min(lows) * 3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        files.append(out / "wt2_curves.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    long = {c: r for c, r in wt2.get("long", {}).items() if "error" not in r}
+    if long:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for i, (c, r) in enumerate(long.items()):
+            t = r["curves"]["test"]
+            axes[0].plot([p[1] for p in t], [p[2] for p in t], marker="o", color=f"C{i}",
+                         label=f"{c} (lr {r['lr']:.2g})")
+            d = r["curves"]["dev"]
+            axes[0].plot([p[1] for p in d], [p[2] for p in d], ls=":", marker=".", color=f"C{i}", alpha=0.6)
+            tl = r["curves"]["train_loss"]
+            spe = r["steps_per_epoch"]
+            axes[1].plot([p[0] / spe for p in tl], [math.exp(p[1]) for p in tl], color=f"C{i}", alpha=0.8, label=c)
+        axes[0].set_title("long runs: test (solid, whole file) and dev (dotted) perplexity vs epoch")
+        axes[0].set_xlabel("epoch")
+        axes[0].set_ylabel("perplexity")
+        axes[1].set_title("training perplexity exp(loss) vs epoch")
+        axes[1].set_xlabel("epoch")
+        axes[1].set_yscale("log")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(out / "wt2_overfitting.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------
+
+
+def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(claim lines, recommendation lines), derived from the data."""
+    claims, recs = [], []
+    grok = data.get("grokking", {})
+    gs = grok.get("summary", {})
+    if gs and "adamw" in gs:
+        cap = grok["config"]["epochs"]
+        a = gs["adamw"]["epochs_to"]["0.99"]["median"]
+        fam = {c: gs[c]["epochs_to"]["0.99"]["median"] for c in FAMILY_GROK if c in gs}
+        reached = {c: m for c, m in fam.items() if m is not None}
+        if reached:
+            best = min(reached, key=reached.get)
+            sp = (a / reached[best]) if a else None
+            a_txt = f"{a:.0f}" if a else f">{cap} (not reached)"
+            sp_txt = f"{sp:.1f}×" if sp else f"≥{cap / reached[best]:.1f}×"
+            ratio = sp if sp else cap / reached[best]
+            verdict = "**held**" if ratio >= 3 else ("**partly held**" if ratio >= 1.5 else "**did not hold**")
+            others = ", ".join(f"{c} {f(m, 0) if m else '>' + str(cap)}" for c, m in fam.items())
+            claims.append(f"- Grokking — claim: {CLAIMS['grokking']}. Here: AdamW median {a_txt} epochs to 99% test "
+                          f"accuracy; fastest family member {best} {reached[best]:.0f} ({sp_txt} sooner) → {verdict}. "
+                          f"All family medians: {others}.")
+        else:
+            claims.append(f"- Grokking — claim: {CLAIMS['grokking']}. Here no family member reached 99% within "
+                          f"{cap} epochs (median) → **did not hold**.")
+    elif grok:
+        claims.append("- Grokking — incomplete (see the grokking section).")
+    else:
+        claims.append("- Grokking — **not measured** (no results/grokking.json).")
+
+    wt2 = data.get("wt2", {})
+    rows = wt2.get("summary", {}).get("rows", {})
+    if rows and rows.get("adamw", {}).get("final_test_ppl"):
+        a = rows["adamw"]["final_test_ppl"]
+        parts = []
+        ratios = {}
+        for c in ("ada_rmsuon (reference)", "ada_rmsuon (rms)", "ars (k=1)", "ars2_neo (Lazy k=5)"):
+            if rows.get(c, {}).get("final_test_ppl"):
+                ratios[c] = rows[c]["final_test_ppl"] / a
+                parts.append(f"{c} {rows[c]['final_test_ppl']:.1f} ({ratios[c]:.2f}× AdamW)")
+        best_ratio = min(ratios.values()) if ratios else None
+        verdict = ("**held (relative gain of similar size)**" if best_ratio is not None and best_ratio <= 0.85 else
+                   "**partly held (smaller gain)**" if best_ratio is not None and best_ratio < 0.97 else
+                   "**did not hold**")
+        claims.append(
+            f"- WT2 — claim: {CLAIMS['wt2']} (ratios 0.80 and 0.77). Here (CPU model, WT2-offline, "
+            f"{wt2['config']['main_steps']} steps ≈ {rows['adamw'].get('epochs')} epochs): AdamW {a:.1f}; "
+            + "; ".join(parts) + f" → {verdict}. Absolute perplexities are not comparable with the claim's "
+            "(smaller model, 1/10 of the data, fewer epochs).")
+    elif wt2:
+        claims.append("- WT2 — incomplete (see the WT2 section).")
+    else:
+        claims.append("- WT2 — **not measured** (no results/wt2.json).")
+
+    cost = data.get("cost", {})
+    if cost:
+        tr = cost["summary"]["training_step_ratios"]
+        k5 = tr.get("ars2_neo (k=5, Lazy)", {})
+        k1 = tr.get("ars2_neo (k=1)", {})
+        if k5 and k1:
+            frac = k5["mean_vs_ada_rmsuon"] / k1["mean_vs_ada_rmsuon"]
+            overhead_k5 = k5["mean_vs_ada_rmsuon"] - 1
+            overhead_k1 = k1["mean_vs_ada_rmsuon"] - 1
+            quality = ""
+            if rows.get("ars (k=1)", {}).get("final_test_ppl") and rows.get("ars2_neo (Lazy k=5)", {}).get(
+                    "final_test_ppl"):
+                quality = (f" Quality at equal steps (WT2 test ppl): k=1 {rows['ars (k=1)']['final_test_ppl']:.1f}, "
+                           f"Lazy k=5 {rows['ars2_neo (Lazy k=5)']['final_test_ppl']:.1f}.")
+            verdict = "**held**" if overhead_k5 <= 0.5 * overhead_k1 else "**did not hold**"
+            claims.append(
+                f"- Lazy SAM — claim: {CLAIMS['lazy']}. Here a Lazy k=5 run's mean training step is "
+                f"{k5['mean_vs_ada_rmsuon']:.2f}× an ada_rmsuon step against {k1['mean_vs_ada_rmsuon']:.2f}× for "
+                f"SAM on every step (k=1): {frac:.2f} of SAM's step time, {overhead_k5 / overhead_k1:.0%} of its "
+                f"overhead → {verdict}.{quality}")
+    else:
+        claims.append("- Lazy SAM cost — **not measured** (no results/cost.json).")
+
+    # recommendations
+    chosen_w = wt2.get("chosen_lr", {})
+    chosen_g = grok.get("chosen_lr", {})
+    if chosen_w or chosen_g:
+        lines = []
+        for c in sorted(set(chosen_w) | set(chosen_g)):
+            w = f"{chosen_w[c]:.3g}" if c in chosen_w else "—"
+            g = f"{chosen_g[c]:.3g}" if c in chosen_g else "—"
+            lines.append(f"{c}: WT2 {w}, grokking {g}")
+        recs.append("- Learning rates (WT2 chosen on the held-out dev slice; grokking chosen by epochs to 99%): "
+                    + "; ".join(lines) + ".")
+    if rows.get("ada_rmsuon (reference)") and rows.get("ada_rmsuon (rms)"):
+        ref, rms = rows["ada_rmsuon (reference)"], rows["ada_rmsuon (rms)"]
+        better = "reference" if ref["final_dev_ppl"] <= rms["final_dev_ppl"] else "rms"
+        recs.append(f"- `energy_scale`: **{better}** (dev ppl reference {ref['final_dev_ppl']:.1f} at lr "
+                    f"{ref['lr']:.3g}, rms {rms['final_dev_ppl']:.1f} at lr {rms['lr']:.3g}; each at its own swept lr). "
+                    "`reference` needs ~√rank smaller learning rates than AdamW; `rms` takes AdamW-like ones.")
+    if cost and rows.get("ars (k=1)") and rows.get("ars2_neo (Lazy k=5)"):
+        a1, a5 = rows["ars (k=1)"], rows["ars2_neo (Lazy k=5)"]
+        agarow = rows.get("ars2_neo (Lazy k=5 + AGA)")
+        k_txt = ("k=5 (Lazy)" if a5["final_dev_ppl"] <= a1["final_dev_ppl"] * 1.01 else
+                 "k=1 when the budget allows ~2× steps' cost, else k=5")
+        aga = (f"; Lazy+AGA dev ppl {agarow['final_dev_ppl']:.1f} (sync ratio {f(agarow.get('sync_ratio'))})"
+               if agarow else "")
+        recs.append(f"- `k`: **{k_txt}** — dev ppl at equal steps k=1 {a1['final_dev_ppl']:.1f}, "
+                    f"Lazy k=5 {a5['final_dev_ppl']:.1f}{aga}; cost above.")
+    recs.append("- `rho`: 0.1 (the default) — ρ was **not swept** here; every SAM row uses it.")
+    return claims, recs
+
+
+def cost_section(cost: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    out = ["## Cost", ""]
+    env = cost["environment"]
+    out.append(f"Measured in one process, 1 thread, on the {cost['optimizer_step']['n_params']:,} parameters of the CPU "
+               f"Qwen3 preset ({cost['preset_source']}; {cost['optimizer_step']['matrix_params']:,} on the matrix "
+               f"track), rounds interleaved (the contenders take turns, start rotating), "
+               f"{cost['config']['opt_rounds']} timed rounds after {cost['config']['opt_warmup']} warm-up. "
+               f"Load average at start {f(env['load_average'][0])} on {env['cpu_count']} cores (other work shared "
+               "the machine): wall-clock is what a user sees, thread CPU time is the less noisy check.")
+    out += ["", "### Optimizer step", ""]
+    s = cost["summary"]["optimizer_step_ratios"]
+    rows = []
+    for n, r in cost["optimizer_step"]["rows"].items():
+        kinds = ", ".join(f"{k} {r[f'wall_{k}']['median_ms']:.1f}" for k in ("lazy", "sync") if f"wall_{k}" in r)
+        rows.append([n, f(r["wall"]["median_ms"]), f"{f(r['wall']['q1_ms'])}–{f(r['wall']['q3_ms'])}",
+                     f(r["cpu"]["median_ms"]), f(s[n]["vs_adamw"]), f(s[n]["vs_torch_muon"]), kinds or "—"])
+    out.append(table(["optimizer", "median ms", "IQR ms", "CPU ms", "× AdamW", "× torch Muon+AdamW",
+                      "by step kind (median ms)"], rows, "lrrrrrl"))
+    out += ["", "SAM rows: on sync steps the second pass is recorded (untimed) and `step()` timed alone; a Lazy "
+            "step is timed whole (it injects the stored shear force; with AGA it also computes φ). "
+            "`torch Muon + AdamW`: `torch.optim.Muon` (bf16 Newton–Schulz) on the matrix track and "
+            "`torch.optim.AdamW(foreach)` on the rest, routed exactly like ours. `ns auto` = "
+            f"{cost['ns_dtype']['default_cpu_dtype']} on this CPU.", "",
+            f"![optimizer step]({plots.get('cost_optimizer_step', '')})", ""]
+
+    out += ["### Issue-6 targets", ""]
+    t = cost["summary"]["issue6_targets"]
+    desc = {
+        "muon_vs_torch_muon_same_dtype": "muon step / torch Muon+AdamW step (both bf16 NS)",
+        "ada_rmsuon_vs_muon": "ada_rmsuon step / muon step (default NS dtype)",
+        "lazy_step_vs_ada_rmsuon": "ars2_neo Lazy training step (median) / ada_rmsuon training step (median)",
+        "k5_mean_step_vs_ada_rmsuon": "ars2_neo k=5 mean training step / ada_rmsuon mean training step",
+        "k1_mean_step_vs_ada_rmsuon": "ars2_neo k=1 mean training step / ada_rmsuon mean training step",
+    }
+    out.append(table(["target", "measured (wall-clock)", "required", "met?", "CPU time", "paired / robust"],
+                     [[desc.get(k, k), f(v["value"], 3), f"{v['op']} {v['target']}", "yes" if v["met"] else "**no**",
+                       f(v.get("cpu"), 3), f(v.get("paired"), 3)] for k, v in t.items()], "lrrlrr"))
+    tr = cost["summary"]["training_step_ratios"]
+    out += ["", "The verdict uses the wall-clock ratio (medians; means for the k=5 and k=1 runs). Cross-checks "
+            "from the same samples: *CPU time* — the same ratio by thread CPU time (insensitive to other "
+            "processes on the machine); *paired / robust* — the median over rounds of the ratio of the two "
+            "steps taken back to back (for the k=5 mean: the mean rebuilt 4:1 from the medians of its lazy "
+            "and sync steps)."]
+
+    out += ["", "### Training step", ""]
+    trs = cost["training_step"]
+    out.append(f"Forward + backward + `step(closure)`, batch {trs['batch_size']} × {trs['context_length']} tokens from "
+               f"{trs['batches']}; {cost['config']['train_steps']} timed steps per contender after "
+               f"{cost['config']['train_warmup']} untimed (one k=5 cycle), interleaved.")
+    out.append("")
+    rows = []
+    for n, r in trs["rows"].items():
+        q = tr[n]
+        rows.append([n, f(r["wall"]["mean_ms"], 1), f(r["wall"]["median_ms"], 1),
+                     f(r.get("wall_lazy", {}).get("median_ms"), 1), f(r.get("wall_sync", {}).get("median_ms"), 1),
+                     f(r["sync_fraction"]), f(q["mean_vs_ada_rmsuon"], 3), f(q["mean_vs_adamw"], 3)])
+    out.append(table(["optimizer", "mean ms", "median ms", "lazy median", "sync median", "sync fraction",
+                      "mean × ada_rmsuon", "mean × AdamW"], rows))
+    out += ["", f"![training step]({plots.get('cost_training_step', '')})", ""]
+
+    out += ["### Newton–Schulz compute dtype", ""]
+    ns = cost["ns_dtype"]
+    rows = []
+    for label, e in ns.items():
+        if not isinstance(e, dict):
+            continue
+        rows.append([label, e["n_matrices"], ", ".join(e["shapes"]), f(e["bfloat16"]["wall"]["median_ms"]),
+                     f(e["float32"]["wall"]["median_ms"]), f(e["fp32_over_bf16"]),
+                     f"{e['max_rel_error_vs_fp64']['bfloat16']:.1e} / {e['max_rel_error_vs_fp64']['float32']:.1e}"])
+    out.append(table(["shapes of", "matrices", "shapes", "bf16 ms", "fp32 ms", "fp32 / bf16",
+                      "max rel. error vs fp64 (bf16 / fp32)"], rows, "lrlrrrr"))
+    flags = ", ".join(env.get("cpu_flags", [])) or "—"
+    out += ["", f"`F.orthogonalize` (same-shape batches, 5 quintic steps). CPU flags: {flags}. The default "
+            f"(`ns_dtype=\"auto\"`) is **{ns['default_cpu_dtype']}** on this CPU: bf16 where the CPU has native "
+            "bf16 matmul (AVX512-BF16/AMX) or on accelerators, fp32 otherwise; both stay selectable. "
+            "The error column is the quintic iteration's own approximation (singular values land in ~[0.7, 1.2]) "
+            "plus rounding, so bf16 and fp32 are close.", ""]
+
+    out += ["### Optimizer-state memory", ""]
+    rows = []
+    for n, r in cost["optimizer_step"]["rows"].items():
+        m = r["memory"]
+        keys = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in m["by_key"].items() if v >= 1000)
+        rows.append([n, f(m["bytes_per_param"]), f(m["matrix_bytes_per_matrix_param"]), f"{m['bytes'] / 1e6:.2f}",
+                     keys, "no" if not m["sam_pass_held_after_step"] else "**yes**"])
+    out.append(table(["optimizer", "bytes / param", "matrix-track bytes / matrix param", "MB", "state tensors",
+                      "SAM copy held after step"], rows, "lrrrll"))
+    out += ["", "fp32 parameters; counted after the timed steps (so the shear force of Lazy/AGA is present). "
+            "The SAM weight copy exists only between `begin_sam_pass` and `end_sam_pass`.", "",
+            f"![memory]({plots.get('cost_memory', '')})", ""]
+    return out
+
+
+def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    cfg = grok["config"]
+    out = ["## Grokking", ""]
+    out.append(f"`recipes/grokking.py` (`run_grokking`): (a + b) mod 113, 30% of the pairs for training, one "
+               f"transformer block, batch 512, betas (0.9, 0.98), weight decay 1.0 (every parameter), cap "
+               f"{cfg['epochs']} epochs, a run stops once test accuracy reaches {cfg['stop_at']:.0%}. "
+               f"Learning-rate grid {', '.join(f'{x:g}' for x in cfg['lrs'])} for every contender, one seed "
+               f"(seed {cfg['seeds'][0]}); then seeds {', '.join(map(str, cfg['seeds']))} at the chosen lr (the "
+               "sweep seed's run is reused). Grokking has only train and test: the lr is chosen by epochs to 99% "
+               "**test** accuracy on the sweep seed, the same way for every contender.")
+    if grok.get("partial"):
+        out += ["", "**Partial: only the sweep finished; the seed runs are missing.**"]
+    out += ["", "### Learning-rate sweep (seed 0)", ""]
+    by = {}
+    for r in grok.get("sweep", []):
+        by.setdefault(r["contender"], {})[r["lr"]] = r
+    rows = []
+    for c, d in by.items():
+        cells = []
+        for lr in cfg["lrs"]:
+            r = d.get(lr)
+            if r is None or r.get("error"):
+                cells.append("error")
+                continue
+            e = r["epochs_to"]
+            cells.append(" / ".join(f(e[t], 0) if e[t] is not None else f">{r['epochs_run']}"
+                                    for t in ("0.5", "0.9", "0.99")))
+        rows.append([c, *cells, f"{grok['chosen_lr'].get(c, float('nan')):g}"])
+    out.append(table(["contender", *[f"lr {lr:g}: ep to 50/90/99%" for lr in cfg["lrs"]], "chosen lr"], rows))
+    s = grok.get("summary", {})
+    if s:
+        out += ["", "### Epochs to 50 / 90 / 99% test accuracy", "",
+                "median (min–max; seeds that reached it / seeds); `>cap` = not reached within the cap", ""]
+        rows = []
+        for c, r in s.items():
+            rows.append([c, f"{r['lr']:g}", *[epochs_cell(r["epochs_to"][t], cfg["epochs"]) for t in ("0.5", "0.9",
+                                                                                                       "0.99")],
+                         f(r.get("speedup_vs_adamw_99"), 1) + ("×" if r.get("speedup_vs_adamw_99") else ""),
+                         f(r["final_test_acc"]["median"], 3), f(r["seconds_per_epoch"], 2)])
+        out.append(table(["contender", "lr", "epochs to 50%", "epochs to 90%", "epochs to 99%",
+                          "speed-up vs AdamW (99%)", "final test acc (median)", "s / epoch"], rows))
+        out += ["", f"![grokking curves]({plots.get('grokking_curves', '')})", "",
+                f"![grokking epochs]({plots.get('grokking_epochs', '')})", ""]
+    if grok.get("failures"):
+        out += ["", "Failed runs: " + ", ".join(f"{x['contender']} seed {x['seed']}" for x in grok["failures"]), ""]
+    return out
+
+
+def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    cfg = wt2["config"]
+    out = ["## WT2-offline", ""]
+    sub = f"its first {cfg['test_subset']} chunks" if cfg["test_subset"] else "all of it"
+    out.append(
+        "`recipes/wikitext2.py --preset cpu` (Qwen3, hidden 128, 2 layers, 4 heads, MLP 512, tied embeddings, "
+        "~1.05 M parameters; byte-level BPE 4096 trained on the training lines), *chunk* mode (128-token blocks), "
+        "batch 8, cosine schedule with 5% warm-up, the recipe's per-optimizer weight decay/betas. "
+        "**Train**: the first 95% of the lines of `wiki.valid.tokens`; **dev**: the last 5% (the learning rate "
+        "is chosen on dev and nowhere else); **test**: `wiki.test.tokens`, only reported (curves on "
+        f"{sub}, final perplexity on the whole file{'' if cfg['final_full_test'] else ' — quick setting: on the curve subset'}). "
+        f"Equal budgets: sweep {cfg['sweep_steps']} steps, comparison {cfg['main_steps']} steps; perplexity = "
+        "exp(mean next-token loss over real tokens).")
+    if wt2.get("partial"):
+        missing = [p for p in ("main", "long", "extra_seeds") if p not in wt2]
+        out += ["", f"**Partial: missing {', '.join(missing) or 'the summary'}.**"]
+    out += ["", "### Learning-rate sweep (dev perplexity, seed 0)", ""]
+    by: dict[str, dict[float, Any]] = {}
+    for r in wt2.get("sweep", []):
+        by.setdefault(r["contender"], {})[r["lr"]] = r
+    rows = []
+    for c, d in by.items():
+        cells = [f"{lr:.3g}: " + (f(r.get("final_dev_ppl")) if not r.get("error") else "error")
+                 for lr, r in sorted(d.items())]
+        rows.append([c, *cells, f"{wt2['chosen_lr'].get(c, float('nan')):.3g}"])
+    n = max((len(r) for r in rows), default=2) - 2
+    out.append(table(["contender", *[f"lr {i + 1}" for i in range(n)], "chosen"], rows, "l" + "r" * (n + 1)))
+    inherited = [f"{c} ← {src}" for c, src in
+                 ((c, v.get("lr_from")) for c, v in wt2.get("contenders", {}).items()) if src]
+    if inherited:
+        out += ["", "Not swept, learning rate taken from the row with the same update rule: " + "; ".join(inherited)
+                + "."]
+    rows_s = wt2.get("summary", {}).get("rows", {})
+    if rows_s:
+        key = "test (whole file)" if cfg["final_full_test"] else f"test (first {cfg['test_subset']} chunks)"
+        out += ["", f"### Comparison at {cfg['main_steps']} steps", ""]
+        rows = []
+        for c, r in sorted(rows_s.items(), key=lambda kv: kv[1].get("final_test_ppl") or math.inf):
+            vals = r.get("final_test_ppl_values") or []
+            spread = f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
+            rows.append([c, f"{r['lr']:.3g}", f(r.get("final_test_ppl")) + spread, len(r.get("seeds", [])),
+                         f(r.get("vs_adamw"), 3), f(r.get("final_dev_ppl")), f(r.get("best_test_subset_ppl")),
+                         f(r.get("epochs")), f(r.get("sync_ratio")), f(r.get("train_seconds"), 0)])
+        out.append(table(["contender", "lr", f"final ppl, {key}", "seeds", "× AdamW", "final dev ppl",
+                          "best ppl on the curve subset", "epochs", "SAM sync ratio", "train s"], rows))
+        out += ["", "Several seeds: mean (min–max). Rows are sorted by test perplexity for reading only; nothing "
+                "was chosen by it (the rows that got a second seed were AdamW and the best family rows by dev ppl).",
+                "", f"![wt2 curves]({plots.get('wt2_curves', '')})", ""]
+    long = wt2.get("summary", {}).get("long", {})
+    if long:
+        out += [f"### Over-fitting: {cfg['long_epochs']} epochs", ""]
+        rows = [[c, f"{r['lr']:.3g}", f(r["best_test_ppl"]), f(r["best_epoch"], 1), f(r["final_test_ppl"]),
+                 f(r["final_test_ppl"] / r["best_test_ppl"] if r["best_test_ppl"] else None, 3),
+                 f(math.exp(r["final_train_loss"]) if r["final_train_loss"] is not None else None)]
+                for c, r in long.items()]
+        out.append(table(["contender", "lr", "best test ppl", "at epoch", "final test ppl", "final / best",
+                          "final train ppl"], rows))
+        out += ["", "Test perplexity on the whole test file once per epoch (cosine schedule over all epochs).",
+                "", f"![wt2 over-fitting]({plots.get('wt2_overfitting', '')})", ""]
+    elif cfg.get("long_contenders"):
+        out += ["", "Over-fitting runs: **missing** (not finished).", ""]
+    return out
+
+
+def build(setting: str, paths: common.Paths) -> Path:
+    data = load(paths)
+    if "cost" in data:  # ratios and verdicts recomputed from the recorded samples
+        from .cost import summarize
+
+        data["cost"]["summary"] = summarize(data["cost"])
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    if "cost" in data:
+        files += plot_cost(data["cost"], paths.plots)
+    if "grokking" in data:
+        files += plot_grokking(data["grokking"], paths.plots)
+    if "wt2" in data:
+        files += plot_wt2(data["wt2"], paths.plots)
+    base = paths.report.parent
+    plots = {p.stem: rel(p, base) for p in files}
+
+    cmd = "make bench" if setting == "full" else "make bench-quick"
+    lines = [f"# Benchmarks ({setting} setting)", "",
+             "Generated by `benchmarks/report.py` from the recorded data in "
+             f"`{rel(paths.results, base)}/*.json`; tables and plots come from the same files. "
+             "The family's documents make three claims; this file checks them on a 2-core CPU.", ""]
+    claims, recs = verdicts(data)
+    lines += ["## Summary", "", *claims, "", "Recommended defaults that follow:", "", *recs, ""]
+    missing = [n for n in ("cost", "grokking", "wt2") if n not in data or data[n].get("partial")]
+    if missing:
+        lines += [f"**Missing or partial here: {', '.join(missing)}** — see the sections below.", ""]
+    env = next((data[n]["environment"] for n in ("cost", "grokking", "wt2") if n in data), None)
+    lines += ["## Reproduce", "", "```bash", f"{cmd}                      # = python -m benchmarks.run --setting {setting}",
+              f"python -m benchmarks.run --setting {setting} --only cost        # one benchmark",
+              f"python -m benchmarks.run --setting {setting} --only report      # tables + plots from the JSON",
+              "```", "",
+              "Options: `--data_dir` (default `$HF_RMSUON_WT2_DIR` or `<repo>/../shared/data/wikitext-2`), "
+              "`--workers` (parallel single-threaded runs, default 2), `--fresh` (ignore cached runs; "
+              "by default an interrupted run resumes), `--out`.", ""]
+    if env:
+        lines += ["## Environment", "", table(["", ""], [
+            ["python", env["python"]], ["torch", env["torch"]], ["transformers", env["transformers"]],
+            ["hf_rmsuon git", env["hf_rmsuon_git"] + (" (+ uncommitted changes)" if env["hf_rmsuon_dirty"] else "")],
+            ["CPU", f"{env['cpu_model']}, {env['cpu_count']} cores ({env['platform']})"],
+            ["threads", f"1 per run (OMP_NUM_THREADS={env['omp_num_threads']})"],
+            ["GPU", "none" if not env["cuda"] else "CUDA available (not used)"],
+        ] + [[f"{n} run at", f"{data[n]['environment']['date']} ({data[n].get('seconds', 0) / 60:.0f} min), git "
+              f"{data[n]['environment']['hf_rmsuon_git']}"] for n in ("cost", "grokking", "wt2") if n in data],
+            "ll"), ""]
+    if "cost" in data:
+        lines += cost_section(data["cost"], plots)
+    if "grokking" in data:
+        lines += grokking_section(data["grokking"], plots)
+    if "wt2" in data:
+        lines += wt2_section(data["wt2"], plots)
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    common.log(f"report: {paths.report} ({len(files)} plots in {paths.plots})")
+    return paths.report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="regenerate the report and plots from the recorded JSON")
+    p.add_argument("--setting", choices=common.SETTINGS, default="full")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    build(args.setting, common.Paths.for_setting(args.setting, args.out))
+
+
+if __name__ == "__main__":
+    main()
