@@ -223,32 +223,39 @@ def adamw_direction(exp_avgs: list[Tensor], denoms: list[Tensor], bias_correctio
     return whiten(exp_avgs, denoms, bias_correction1)
 
 
-def scale_by_energy(
-    directions: list[Tensor], energies: list[Tensor], normalize: bool
-) -> list[Tensor]:
+def energy_scales(directions: list[Tensor], energies: list[Tensor] | Tensor, normalize: bool) -> Tensor:
+    """Per-tensor factors of the energy re-injection: ``E`` (``U = E·O``) or, with ``normalize``,
+    ``E/(‖O‖+1e-10)`` (``U = E·O/‖O‖``) — stacked, so the math is a few whole-vector kernels."""
+    scales = energies if isinstance(energies, Tensor) else torch.stack(list(energies))
+    if normalize:
+        scales = scales / (torch.stack(frobenius_norms(directions)) + ENERGY_EPS)
+    return scales
+
+
+def scale_each(tensors: list[Tensor], scales: Tensor) -> list[Tensor]:
+    """``[s_i · t_i]`` (new tensors)."""
+    if not tensors:
+        return []
+    return list(torch._foreach_mul(tensors, list(scales.to(tensors[0].dtype).unbind())))
+
+
+def scale_by_energy(directions: list[Tensor], energies: list[Tensor] | Tensor, normalize: bool) -> list[Tensor]:
     """Energy re-injection: ``U = E·O`` or, with ``normalize``, ``U = E·O/(‖O‖+1e-10)``."""
     if not directions:
         return []
-    scales = [e.to(d.dtype) for e, d in zip(energies, directions)]
-    if normalize:
-        o_norms = frobenius_norms(directions)
-        scales = [s / (n.to(s.dtype) + ENERGY_EPS) for s, n in zip(scales, o_norms)]
-    return [d * s for d, s in zip(directions, scales)]
+    return scale_each(directions, energy_scales(directions, energies, normalize))
 
 
 def projected_natural_decay(
     params: list[Tensor], denoms: list[Tensor], directions: list[Tensor], weight_decay: float
-) -> list[Tensor]:
-    """F-AdaRMSuon's projected natural weight decay ``wd·(⟨D,O⟩/‖O‖²)·O`` with ``D = p/(√v̂+ε)``:
-    the Fisher-preconditioned decay, kept only along the update direction ``O``."""
-    if not params:
-        return []
+) -> Tensor:
+    """F-AdaRMSuon's projected natural weight decay ``wd·(⟨D,O⟩/‖O‖²)·O`` with ``D = p/(√v̂+ε)`` —
+    the Fisher-preconditioned decay kept only along the update direction ``O``. Being a multiple of
+    ``O``, it is returned as the per-tensor coefficients ``wd·⟨D,O⟩/‖O‖²``."""
     fisher_decay = torch._foreach_div(params, denoms)
-    out = []
-    for d, o in zip(fisher_decay, directions):
-        coeff = (d * o).sum() / (o.pow(2).sum() + SHEAR_EPS)
-        out.append(o * (weight_decay * coeff))
-    return out
+    dots = torch.stack([torch.vdot(d.flatten().float(), o.flatten().float()) for d, o in zip(fisher_decay, directions)])
+    squared = torch.stack(frobenius_norms(directions)).square()
+    return weight_decay * dots / (squared + SHEAR_EPS)
 
 
 def elementwise_natural_decay(params: list[Tensor], denoms: list[Tensor], weight_decay: float) -> list[Tensor]:
@@ -270,11 +277,16 @@ def apply_updates_(params: list[Tensor], updates: list[Tensor], lrs: list[float]
     """``p ← p − lr·U`` (``lrs`` may be per tensor, e.g. Muon's shape-adjusted rates)."""
     if not params:
         return
+    updates = [u.to(p.dtype) for u, p in zip(updates, params)]
     if isinstance(lrs, float | int):
-        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-lrs)
+        torch._foreach_add_(params, updates, alpha=-lrs)
         return
-    for p, u, lr in zip(params, updates, lrs):
-        p.add_(u.to(p.dtype), alpha=-lr)
+    # one fused add per distinct rate (Muon's rates depend only on the shape: a few groups)
+    by_lr: dict[float, list[int]] = defaultdict(list)
+    for i, lr in enumerate(lrs):
+        by_lr[lr].append(i)
+    for lr, idx in by_lr.items():
+        torch._foreach_add_([params[i] for i in idx], [updates[i] for i in idx], alpha=-lr)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .. import functional as F
 from .base import COMMON_HPARAMS, FamilyOptimizer, Schema
 from .hparams import choice
@@ -39,8 +41,15 @@ class AdaRMSuon(FamilyOptimizer):
     def _whitened_direction(self, group, params, grads, states):
         """``(O, E, √v̂+ε)`` for the matrix track (moments advanced)."""
         exp_avgs, denoms, t = self._adam_moments(group, params, grads, states)
-        whitened = self._whitened(group, exp_avgs, denoms, t, states)
-        return self._ns(group, whitened), F.frobenius_norms(whitened), denoms
+        if t < 0:  # mixed step counts: per-tensor bias corrections
+            whitened = self._whitened(group, exp_avgs, denoms, t, states)
+            return self._ns(group, whitened), F.frobenius_norms(whitened), denoms
+        # G = (m/(√v̂+ε))/(1−β1^t): NS is scale-invariant, so the bias correction only enters E
+        # (a scalar per tensor) — one full pass over the matrices saved.
+        uncorrected = torch._foreach_div(exp_avgs, denoms)
+        bias_correction1 = F.bias_corrections(t, group["betas"][0], 0.0)[0]
+        energies = torch.stack(F.frobenius_norms(uncorrected)) / bias_correction1
+        return self._ns(group, uncorrected), energies, denoms
 
     def _matrix_updates(self, group, params, grads, states):
         ortho, energies, _ = self._whitened_direction(group, params, grads, states)
@@ -64,12 +73,12 @@ class FAdaRMSuon(AdaRMSuon):
 
     def _matrix_updates(self, group, params, grads, states):
         ortho, energies, denoms = self._whitened_direction(group, params, grads, states)
-        updates = F.scale_by_energy(ortho, energies, group["energy_scale"] == "rms")
+        scales = F.energy_scales(ortho, energies, group["energy_scale"] == "rms")
         wd = group["weight_decay"]
         if wd == 0.0:
-            return updates, group["lr"]
+            return F.scale_each(ortho, scales), group["lr"]
         if group["natural_wd"] == "projected":
-            decay = F.projected_natural_decay(params, denoms, ortho, wd)
-        else:
-            decay = F.elementwise_natural_decay(params, denoms, wd)
-        return [u + d for u, d in zip(updates, decay)], group["lr"]
+            # U = E·O + wd·(⟨D,O⟩/‖O‖²)·O: both terms are multiples of O, so add the coefficients
+            return F.scale_each(ortho, scales + F.projected_natural_decay(params, denoms, ortho, wd)), group["lr"]
+        decay = F.elementwise_natural_decay(params, denoms, wd)
+        return list(torch._foreach_add(F.scale_each(ortho, scales), decay)), group["lr"]
