@@ -159,6 +159,13 @@ class TextSplits:
     source: str
     smoke_run: bool = False
 
+    @property
+    def kind(self) -> str:
+        """``hub``, ``local`` or ``excerpt(smoke)`` — for the summary line."""
+        if self.smoke_run:
+            return "excerpt(smoke)"
+        return "local" if self.source.startswith("local") else "hub"
+
 
 def clean_lines(lines: Iterable[str]) -> list[str]:
     """Strip each line and drop empty ones."""
@@ -579,6 +586,17 @@ def format_summary(tag: str, fields: dict[str, Any]) -> str:
             value = f"{value:.4g}"
         parts.append(f"{key}={value}")
     return f"[{tag}] summary: " + " ".join(parts)
+
+
+def final_eval_metrics(trainer: Any) -> dict[str, float]:
+    """The evaluation at the last training step: reused from the log if the Trainer just ran it
+    (``--eval_strategy epoch``/``steps`` often ends on one), else run now."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_perplexity" in entry:
+            if entry.get("step") == trainer.state.global_step:
+                return entry
+            break
+    return trainer.evaluate()
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = common.Stopwatch()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = clock.seconds()
-    after = trainer.evaluate()
+    after = common.final_eval_metrics(trainer)
     trainer.save_model()  # the adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer
 
     summary = {

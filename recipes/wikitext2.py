@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = common.Stopwatch()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = clock.seconds()
-    metrics = trainer.evaluate()
+    metrics = common.final_eval_metrics(trainer)
     trainer.save_model()  # model + tokenizer: a checkpoint recipes/finetune_lora.py can start from
 
     summary = {
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.write_json(Path(training_args.output_dir) / "summary.json", summary)
         print(common.format_summary(TAG, {
             "optim": summary["optim"], "preset": model_args.preset, "mode": data.mode,
-            "data": "excerpt(smoke)" if splits.smoke_run else "full", "steps": summary["steps"],
+            "data": splits.kind, "steps": summary["steps"],
             "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
             "eval_ppl": summary["eval_perplexity"], "train_time_s": round(train_seconds, 1),
             "output_dir": training_args.output_dir,

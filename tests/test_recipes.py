@@ -236,17 +236,38 @@ def test_unreachable_hub_with_another_dataset_stops_with_a_clear_error(tmp_path,
     assert "Traceback" not in err
 
 
-def test_local_files_and_chunk_mode(tmp_path, capsys):
+def test_local_files_chunk_mode_and_a_pretrained_tokenizer(tmp_path, capsys):
     train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
-    train.write_text("\n".join(common.read_text_file(common.EXCERPT_TRAIN)[:120]) + "\n", encoding="utf-8")
+    train_lines = common.read_text_file(common.EXCERPT_TRAIN)[:120]
+    train.write_text("\n".join(train_lines) + "\n", encoding="utf-8")
     valid.write_text("\n".join(common.read_text_file(common.EXCERPT_VALIDATION)[:30]) + "\n", encoding="utf-8")
+    _, tok_dir, _ = common.get_bpe_tokenizer(train_lines, 300, tmp_path / "pretrained")  # a saved tokenizer
+    trainings = common.TOKENIZER_TRAININGS
     summary = wikitext2.main([*TINY_LM, "--optim", "adamw_torch", "--data_mode", "chunk", "--train_file", str(train),
-                              "--validation_file", str(valid), "--output_dir", str(tmp_path / "run"),
-                              "--tokenizer_cache_dir", str(tmp_path / "tok")])
+                              "--validation_file", str(valid), "--tokenizer_name", str(tok_dir),
+                              "--output_dir", str(tmp_path / "run")])
     printed = capsys.readouterr().out
-    assert "SMOKE RUN" not in printed and not summary["smoke_run"]
+    assert "SMOKE RUN" not in printed and not summary["smoke_run"] and " data=local " in printed
     assert summary["data_source"].startswith("local files") and summary["data_mode"] == "chunk"
+    assert common.TOKENIZER_TRAININGS == trainings  # --tokenizer_name: nothing trained
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] <= 300
     assert summary["steps"] == 3 and 1.0 < summary["eval_perplexity"] < 1e4
+
+
+def test_final_evaluation_is_reused_when_training_just_ran_it(tmp_path, monkeypatch):
+    calls = []
+    original = wikitext2.hf_rmsuon.RMSuonTrainer.evaluate
+
+    def counting_evaluate(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(wikitext2.hf_rmsuon.RMSuonTrainer, "evaluate", counting_evaluate)
+    summary = wikitext2.main(["--preset", "tiny", "--max_steps", "2", "--disable_tqdm", "true", "--eval_strategy",
+                              "steps", "--eval_steps", "2", "--optim", "adamw_torch", "--use_excerpt",
+                              "--max_eval_lines", "20", "--output_dir", str(tmp_path / "run"),
+                              "--tokenizer_cache_dir", str(tmp_path / "tok")])
+    assert calls == [2] and summary["eval_perplexity"] > 1.0
 
 
 # --------------------------------------------------------------------------------------------------
