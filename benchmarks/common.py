@@ -191,10 +191,12 @@ def _run_unit(unit: Unit) -> tuple[str, dict[str, Any] | None, str | None, float
 
 
 def run_units(units: Sequence[Unit], cache_dir: Path, workers: int = 2, desc: str = "runs",
-              resume: bool = True, threads: int = 1) -> dict[str, dict[str, Any]]:
-    """Run ``units`` on ``workers`` single-threaded processes; ``{key: result}`` (failures:
-    ``{"error": traceback}``). Each finished unit is cached under ``cache_dir`` at once, and with
-    ``resume`` a unit whose cache file exists (same function and arguments) is not run again."""
+              resume: bool = True, threads: int = 1,
+              on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``units`` (in the order given) on ``workers`` single-threaded processes; ``{key: result}``
+    (failures: ``{"error": traceback}``). Each finished unit is cached under ``cache_dir`` at once, and
+    with ``resume`` a unit whose cache file exists (same function and arguments) is not run again.
+    ``on_update(results so far)`` is called after every finished unit (to write partial results)."""
     from tqdm.auto import tqdm
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -227,11 +229,19 @@ def run_units(units: Sequence[Unit], cache_dir: Path, workers: int = 2, desc: st
             bar.write(f"[bench {time.strftime('%H:%M:%S')}] {desc}: {key} done in {seconds:.0f}s "
                       f"({_brief(result)})")
         bar.update(1)
+        if on_update is not None:
+            on_update(results)
 
     if workers <= 1 or len(todo) == 1:
-        _init_worker(threads)
-        for unit in todo:
-            record(*_run_unit(unit))
+        import torch
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for unit in todo:
+                record(*_run_unit(unit))
+        finally:
+            torch.set_num_threads(saved)
     else:
         ctx = mp.get_context("spawn")
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(threads,)) as pool:

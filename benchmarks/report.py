@@ -66,6 +66,12 @@ def epochs_cell(s: dict[str, Any], cap: int) -> str:
     return f"{one(s['median'])} ({one(s['min'])}–{one(s['max'])}; {s['reached']}/{s['n']})"
 
 
+def edge(lr: float | None, grid: list[float]) -> str:
+    if lr is None or len(grid) < 2:
+        return ""
+    return " *(edge)*" if lr in (min(grid), max(grid)) else ""
+
+
 def rel(path: Path, base: Path) -> str:
     return os.path.relpath(path, base)
 
@@ -476,9 +482,16 @@ def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
                f"(seed {cfg['seeds'][0]}); then seeds {', '.join(map(str, cfg['seeds']))} at the chosen lr (the "
                "sweep seed's run is reused). Grokking has only train and test: the lr is chosen by epochs to 99% "
                "**test** accuracy on the sweep seed, the same way for every contender.")
-    if grok.get("partial"):
+    if grok.get("missing"):
+        miss = grok["missing"]
+        out += ["", f"**Partial: {len(miss)} seed runs missing** (not finished in the time budget): "
+                + ", ".join(f"{m['contender']} seed {m['seed']}" for m in miss) + "."]
+    elif grok.get("partial"):
         out += ["", "**Partial: only the sweep finished; the seed runs are missing.**"]
-    out += ["", "### Learning-rate sweep (seed 0)", ""]
+    if cfg.get("sweep_note"):
+        out += ["", f"Deviation from the protocol: {cfg['sweep_note']}."]
+    out += ["", "### Learning-rate sweep (seed 0)", "",
+            "epochs to 50 / 90 / 99% test accuracy; `>N` = not reached in the N epochs run", ""]
     by = {}
     for r in grok.get("sweep", []):
         by.setdefault(r["contender"], {})[r["lr"]] = r
@@ -488,13 +501,15 @@ def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
         for lr in cfg["lrs"]:
             r = d.get(lr)
             if r is None or r.get("error"):
-                cells.append("error")
+                cells.append("not run" if r is None else "error")
                 continue
             e = r["epochs_to"]
             cells.append(" / ".join(f(e[t], 0) if e[t] is not None else f">{r['epochs_run']}"
                                     for t in ("0.5", "0.9", "0.99")))
-        rows.append([c, *cells, f"{grok['chosen_lr'].get(c, float('nan')):g}"])
+        ch = grok.get("chosen_lr", {}).get(c)
+        rows.append([c, *cells, f"{ch:g}" + edge(ch, list(d)) if ch is not None else "—"])
     out.append(table(["contender", *[f"lr {lr:g}: ep to 50/90/99%" for lr in cfg["lrs"]], "chosen lr"], rows))
+    out += ["", "*(edge)*: the chosen lr is at the edge of the grid, so a value beyond it might be better still."]
     s = grok.get("summary", {})
     if s:
         out += ["", "### Epochs to 50 / 90 / 99% test accuracy", "",
@@ -528,8 +543,8 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
         f"Equal budgets: sweep {cfg['sweep_steps']} steps, comparison {cfg['main_steps']} steps; perplexity = "
         "exp(mean next-token loss over real tokens).")
     if wt2.get("partial"):
-        missing = [p for p in ("main", "long", "extra_seeds") if p not in wt2]
-        out += ["", f"**Partial: missing {', '.join(missing) or 'the summary'}.**"]
+        missing = wt2.get("missing") or [p for p in ("sweep", "main", "long", "extra_seeds") if p not in wt2]
+        out += ["", f"**Partial — not finished in the time budget: {', '.join(missing)}.**"]
     out += ["", "### Learning-rate sweep (dev perplexity, seed 0)", ""]
     by: dict[str, dict[float, Any]] = {}
     for r in wt2.get("sweep", []):
@@ -538,9 +553,15 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
     for c, d in by.items():
         cells = [f"{lr:.3g}: " + (f(r.get("final_dev_ppl")) if not r.get("error") else "error")
                  for lr, r in sorted(d.items())]
-        rows.append([c, *cells, f"{wt2['chosen_lr'].get(c, float('nan')):.3g}"])
+        ch = wt2.get("chosen_lr", {}).get(c)
+        rows.append([c, *cells, f"{ch:.3g}" + edge(ch, list(d)) if ch is not None else "—"])
     n = max((len(r) for r in rows), default=2) - 2
+    rows = [r[:-1] + ["…"] * (n + 2 - len(r)) + r[-1:] for r in rows]  # rows still running
     out.append(table(["contender", *[f"lr {i + 1}" for i in range(n)], "chosen"], rows, "l" + "r" * (n + 1)))
+    out += ["", "Each cell: learning rate: final dev perplexity. *(edge)*: the chosen lr is at the edge of the "
+            "grid, so a value beyond it might be better still. The sweep is short "
+            f"({cfg['sweep_steps']} steps), which favours larger learning rates than the longer comparison "
+            "would."]
     inherited = [f"{c} ← {src}" for c, src in
                  ((c, v.get("lr_from")) for c, v in wt2.get("contenders", {}).items()) if src]
     if inherited:

@@ -70,15 +70,17 @@ class WT2Setting:
     long_contenders: tuple[str, ...]
     long_epochs: int
     seed: int = 0
+    preset: str = "cpu"  # recipes/wikitext2.py preset (tests use "tiny")
 
 
 SETTINGS = {
     "quick": WT2Setting(("adamw", "muon", "ada_rmsuon (reference)", "ars2_neo (Lazy k=5)"), (1 / 3, 1, 3),
                         sweep_steps=50, main_steps=120, eval_every=40, test_subset=128, final_full_test=False,
                         extra_seeds=(), top_rows=0, long_contenders=(), long_epochs=0),
-    "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=200, main_steps=560, eval_every=70,
-                       test_subset=384, final_full_test=True, extra_seeds=(1,), top_rows=3,
-                       long_contenders=("adamw", "ada_rmsuon (reference)", "ars2_neo (Lazy k=5)"), long_epochs=6),
+    # sized for ~1 h of one single-threaded worker on a shared 2-core machine
+    "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
+                       test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
+                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=4),
 }
 
 
@@ -88,7 +90,7 @@ def _r(x: float) -> float:
 
 def wt2_unit(optim: str, optim_args: str, lr: float, seed: int, max_steps: int, eval_every: int,
              data_dir: str, test_subset: int, eval_test: bool, final_full_test: bool,
-             epochs: float | None = None) -> dict[str, Any]:
+             epochs: float | None = None, preset: str = "cpu") -> dict[str, Any]:
     """One training run of the recipe's model and data pipeline (in a worker process)."""
     import torch
 
@@ -98,7 +100,7 @@ def wt2_unit(optim: str, optim_args: str, lr: float, seed: int, max_steps: int, 
     w = common.load_recipe("wikitext2")
     data = Path(data_dir)
     with tempfile.TemporaryDirectory(prefix="bench-wt2-") as out_dir:
-        argv = ["--preset", "cpu", "--optim", optim, "--learning_rate", repr(lr), "--seed", str(seed),
+        argv = ["--preset", preset, "--optim", optim, "--learning_rate", repr(lr), "--seed", str(seed),
                 "--train_file", str(data / "wiki.valid.tokens"), "--validation_split_percentage", "5",
                 "--data_mode", "chunk", "--eval_strategy", "steps", "--eval_steps", str(eval_every),
                 "--logging_steps", "10", "--per_device_eval_batch_size", "32", "--output_dir", out_dir,
@@ -113,7 +115,7 @@ def wt2_unit(optim: str, optim_args: str, lr: float, seed: int, max_steps: int, 
         set_seed(seed)
         splits = rc.load_text_splits(data_args, announce=False)
         tokenizer = w.get_tokenizer(model_args, splits, False)
-        lm = rc.build_lm_data(tokenizer, splits, "chunk", w.PRESETS["cpu"].context_length)
+        lm = rc.build_lm_data(tokenizer, splits, "chunk", w.PRESETS[preset].context_length)
         context = lm.context
         eval_sets: dict[str, Any] = {"dev": lm.validation}
         test = None
@@ -178,7 +180,7 @@ def _unit(tag: str, label: str, lr: float, seed: int, cfg: WT2Setting, data_dir:
     return common.Unit(f"wt2-{tag}-{label}-lr{lr:.3g}-s{seed}", "benchmarks.wt2", "wt2_unit", {
         "optim": optim, "optim_args": optim_args, "lr": lr, "seed": seed, "max_steps": steps,
         "eval_every": eval_every, "data_dir": str(data_dir), "test_subset": cfg.test_subset,
-        "eval_test": eval_test, "final_full_test": final_full_test, "epochs": epochs,
+        "eval_test": eval_test, "final_full_test": final_full_test, "epochs": epochs, "preset": cfg.preset,
     })
 
 
@@ -203,17 +205,18 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
     # train (and cache) the tokenizer once here, so the workers only load it
     rc = common.load_recipe("_common")
     train_lines, _ = rc.hold_out(rc.read_text_file(data / "wiki.valid.tokens"), 5)
-    rc.get_bpe_tokenizer(train_lines, common.load_recipe("wikitext2").PRESETS["cpu"].vocab_size)
+    rc.get_bpe_tokenizer(train_lines, common.load_recipe("wikitext2").PRESETS[cfg.preset].vocab_size)
 
     result: dict[str, Any] = {
         "benchmark": NAME, "setting": setting, "config": asdict(cfg), "data_dir": str(data),
         "contenders": {c: {"optim": CONTENDERS[c][0], "optim_args": CONTENDERS[c][1], "lr_centre": CONTENDERS[c][2],
                            "lr_from": LR_FROM.get(c)} for c in cfg.contenders},
-        "environment": common.environment(), "partial": True,
+        "environment": common.environment(), "partial": True, "missing": [],
     }
 
     def save() -> None:
         result["seconds"] = time.perf_counter() - start
+        result["summary"] = summarize(result, cfg)
         common.write_json(paths.result(NAME), result)
 
     # 1. learning-rate sweep on dev
@@ -221,23 +224,32 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
     grid = {c: [CONTENDERS[c][2] * f for f in cfg.lr_factors] for c in swept}
     units = {(c, lr): _unit("sweep", c, lr, cfg.seed, cfg, data, steps=cfg.sweep_steps, eval_every=cfg.sweep_steps,
                             eval_test=False, final_full_test=False) for c in swept for lr in grid[c]}
-    done = common.run_units(list(units.values()), cache, workers, "wt2 sweep", resume)
-    sweep, chosen = [], {}
-    for c in swept:
+
+    def sweep_rows(done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows = []
-        for lr in grid[c]:
-            r = done[units[(c, lr)].key]
-            rows.append(r)
-            sweep.append({"contender": c, "lr": lr, "error": r.get("error"),
-                          **({k: r[k] for k in ("final_dev_ppl", "train_loss", "train_seconds", "steps")}
-                             if "error" not in r else {})})
-        ok = [r for r in rows if "error" not in r]
+        for (c, lr), u in units.items():
+            r = done.get(u.key)
+            if r is not None:
+                rows.append({"contender": c, "lr": lr, "error": r.get("error"),
+                             **({k: r[k] for k in ("final_dev_ppl", "train_loss", "train_seconds", "steps")}
+                                if "error" not in r else {})})
+        return rows
+
+    def sweep_update(done: dict[str, dict[str, Any]]) -> None:
+        result["sweep"] = sweep_rows(done)
+        save()
+
+    done = common.run_units(list(units.values()), cache, workers, "wt2 sweep", resume, on_update=sweep_update)
+    result["sweep"] = sweep_rows(done)
+    chosen = {}
+    for c in swept:
+        ok = [done[units[(c, lr)].key] for lr in grid[c] if "error" not in done[units[(c, lr)].key]]
         if ok:
             chosen[c] = min(ok, key=_ppl_key)["lr"]
     for c in cfg.contenders:
         if c in LR_FROM and LR_FROM[c] in chosen:
             chosen[c] = chosen[LR_FROM[c]]
-    result.update(sweep=sweep, chosen_lr=chosen)
+    result["chosen_lr"] = chosen
     save()
     common.log("wt2: chosen lr " + ", ".join(f"{c} {lr:.3g}" for c, lr in chosen.items()))
 
@@ -245,40 +257,50 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
     main_units = {c: _unit("main", c, chosen[c], cfg.seed, cfg, data, steps=cfg.main_steps,
                            eval_every=cfg.eval_every, eval_test=True, final_full_test=cfg.final_full_test)
                   for c in cfg.contenders if c in chosen}
+
+    def main_update(done: dict[str, dict[str, Any]]) -> None:
+        result["main"] = {c: {"contender": c, **done[u.key]} for c, u in main_units.items() if u.key in done}
+        result["missing"] = [f"main {c}" for c, u in main_units.items() if u.key not in done]
+        save()
+
     # longest (SAM k=1) first: better packing on the workers
     order = sorted(main_units.values(), key=lambda u: "ars (k=1)" not in u.key)
-    done = common.run_units(order, cache, workers, "wt2 main", resume)
-    main = {c: {"contender": c, **done[u.key]} for c, u in main_units.items()}
-    result["main"] = {c: r for c, r in main.items()}
-    save()
+    done = common.run_units(order, cache, workers, "wt2 main", resume, on_update=main_update)
+    main_update(done)
+    main = result["main"]
 
     # 3. long runs (over-fitting) and extra seeds for AdamW + the best family rows (ranked on dev)
     family = sorted((c for c in main if c != "adamw" and "error" not in main[c]), key=lambda c: _ppl_key(main[c]))
     top = (["adamw"] if "adamw" in main else []) + family[:cfg.top_rows]
+    spe = next((r["steps_per_epoch"] for r in main.values() if "steps_per_epoch" in r), 282)
     units3: dict[tuple[str, str, int], common.Unit] = {}
     for c in cfg.long_contenders:
-        if c in chosen:
-            units3[("long", c, cfg.seed)] = _unit("long", c, chosen[c], cfg.seed, cfg, data, steps=0,
-                                                  eval_every=0, eval_test=True, final_full_test=cfg.final_full_test,
-                                                  epochs=float(cfg.long_epochs))
+        if c in chosen:  # once per epoch, on the whole test file
+            u = _unit("long", c, chosen[c], cfg.seed, cfg, data, steps=0, eval_every=spe, eval_test=True,
+                      final_full_test=False, epochs=float(cfg.long_epochs))
+            u.kwargs["test_subset"] = 0
+            units3[("long", c, cfg.seed)] = u
     for s in cfg.extra_seeds:
         for c in top:
             units3[("seed", c, s)] = _unit("main", c, chosen[c], s, cfg, data, steps=cfg.main_steps,
                                            eval_every=cfg.eval_every, eval_test=True,
                                            final_full_test=cfg.final_full_test)
-    if units3:
-        # the long runs evaluate once per epoch (steps per epoch: known from the main runs' data)
-        spe = next((r["steps_per_epoch"] for r in main.values() if "steps_per_epoch" in r), 282)
-        for key, u in units3.items():
-            if key[0] == "long":
-                u.kwargs["eval_every"] = spe
-                u.kwargs["test_subset"] = 0  # the whole test file for the over-fitting curve
-        done = common.run_units(list(units3.values()), cache, workers, "wt2 long+seeds", resume)
-        result["long"] = {c: {"contender": c, **done[u.key]} for (kind, c, _), u in units3.items() if kind == "long"}
+
+    def update3(done: dict[str, dict[str, Any]]) -> None:
+        result["long"] = {c: {"contender": c, **done[u.key]} for (kind, c, _), u in units3.items()
+                          if kind == "long" and u.key in done}
         result["extra_seeds"] = [{"contender": c, **done[u.key]} for (kind, c, _), u in units3.items()
-                                 if kind == "seed"]
-    result["summary"] = summarize(result, cfg)
-    result["partial"] = False
+                                 if kind == "seed" and u.key in done]
+        result["missing"] = [f"{kind} {c} seed {s}" for (kind, c, s), u in units3.items() if u.key not in done]
+        save()
+
+    if units3:
+        # seeds first (they complete the comparison table), then the long runs
+        order3 = sorted(units3.items(), key=lambda kv: kv[0][0] == "long")
+        done = common.run_units([u for _, u in order3], cache, workers, "wt2 seeds+long", resume,
+                                on_update=update3)
+        update3(done)
+    result["partial"] = bool(result["missing"])
     save()
     for c, s in result["summary"]["rows"].items():
         common.log(f"wt2: {c:<28} lr {s['lr']:.3g}: test ppl {s['final_test_ppl']} (seeds {s['seeds']})")
@@ -292,7 +314,7 @@ def summarize(result: dict[str, Any], cfg: WT2Setting) -> dict[str, Any]:
     ppl_key = "final_test_ppl" if cfg.final_full_test else "final_test_subset_ppl"
     for c, r in result.get("main", {}).items():
         if "error" in r:
-            rows[c] = {"lr": result["chosen_lr"].get(c), "error": True, "seeds": [], "final_test_ppl": None}
+            rows[c] = {"lr": result.get("chosen_lr", {}).get(c), "error": True, "seeds": [], "final_test_ppl": None}
             continue
         runs = [r] + [x for x in result.get("extra_seeds", []) if x["contender"] == c and "error" not in x]
         vals = [x[ppl_key] for x in runs if x.get(ppl_key) is not None]

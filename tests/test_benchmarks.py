@@ -1,0 +1,208 @@
+"""Smoke tests of the benchmark suite: a tiny cost measurement, tiny grokking and WT2 runs through
+the real drivers, and the report (tables + PNG plots) generated from what they recorded."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common, cost, grokking, report, wt2
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_PRESET = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+               "head_dim": 16, "intermediate_size": 64, "context_length": 16, "vocab_size": 128, "batch_size": 2}
+TINY_COST = cost.CostSetting(opt_rounds=6, opt_warmup=1, ns_rounds=2, train_steps=5, train_warmup=5,
+                             ns_reference_shapes=False)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_cost() -> dict:
+    result = {"benchmark": "cost", "setting": "test", "config": TINY_COST.__dict__, "preset": TINY_PRESET,
+              "preset_source": "test", "environment": common.environment()}
+    result["optimizer_step"] = cost.bench_optimizer_step(TINY_COST, TINY_PRESET)
+    result["ns_dtype"] = cost.bench_ns_dtype(TINY_COST, TINY_PRESET)
+    result["training_step"] = cost.bench_training_step(TINY_COST, TINY_PRESET, "/nonexistent-wt2-dir")
+    result["summary"] = cost.summarize(result)
+    return result
+
+
+def test_cost_measures_every_contender(tiny_cost):
+    rows = tiny_cost["optimizer_step"]["rows"]
+    assert {s.label for s in cost.OPT_SPECS} == set(rows)
+    for name, row in rows.items():
+        assert row["wall"]["n"] == TINY_COST.opt_rounds, name
+        assert 0 < row["wall"]["median_ms"] < 10_000, name
+    # SAM rows: k=1 always syncs (recorded pass); k=5 has both kinds, 1 sync in 5 steps
+    assert rows["ars (k=1)"]["kinds"] == ["sync"]
+    assert rows["ars2_neo (k=5)"]["kinds"] == ["lazy", "sync"]
+    assert sum(s["kind"] == "sync" for s in rows["ars2_neo (k=5)"]["samples"]) in (1, 2)
+    # training step: random tokens (no data dir), k=5 syncs on exactly 1 step in 5
+    train = tiny_cost["training_step"]
+    assert train["batches"].startswith("random tokens")
+    assert train["rows"]["ars2_neo (k=5, Lazy)"]["sync_fraction"] == pytest.approx(0.2)
+    assert train["rows"]["ars2_neo (k=1)"]["sync_fraction"] == 1.0
+    assert train["rows"]["ada_rmsuon"]["sync_fraction"] == 0.0
+
+
+def test_cost_state_memory_accounting(tiny_cost):
+    rows = tiny_cost["optimizer_step"]["rows"]
+    mem = {n: r["memory"] for n, r in rows.items()}
+    n_params = tiny_cost["optimizer_step"]["n_params"]
+    assert all(m["params"] == n_params for m in mem.values())
+    # m and v in fp32 (+ torch's 4-byte step tensor per parameter tensor)
+    assert mem["torch AdamW (foreach)"]["bytes_per_param"] == pytest.approx(8.0, rel=0.01)
+    assert mem["torch AdamW (foreach)"]["by_key"]["exp_avg"] == 4 * n_params
+    assert mem["ada_rmsuon"]["bytes_per_param"] == pytest.approx(8.0)
+    assert mem["pure_ns_muon"]["matrix_bytes_per_matrix_param"] == 0.0  # no momentum on the matrix track
+    assert mem["muon (ns bf16)"]["matrix_bytes_per_matrix_param"] == pytest.approx(4.0)  # momentum buffer
+    assert mem["torch Muon + AdamW"]["by_key"]["momentum_buffer"] == mem["muon (ns bf16)"]["by_key"]["momentum_buffer"]
+    assert mem["ars2_neo (k=5)"]["bytes_per_param"] == pytest.approx(12.0)  # + shear force
+    assert "shear" not in mem["ars (k=1)"]["by_key"]  # k=1 without AGA keeps no shear force
+    assert not any(m["sam_pass_held_after_step"] for m in mem.values())
+
+
+def test_cost_summary_targets_follow_the_samples(tiny_cost):
+    s = tiny_cost["summary"]
+    rows = tiny_cost["optimizer_step"]["rows"]
+    expect = rows["muon (ns bf16)"]["wall"]["median_ms"] / rows["torch Muon + AdamW"]["wall"]["median_ms"]
+    t = s["issue6_targets"]
+    assert t["muon_vs_torch_muon_same_dtype"]["value"] == pytest.approx(expect)
+    assert set(t) == {"muon_vs_torch_muon_same_dtype", "ada_rmsuon_vs_muon", "lazy_step_vs_ada_rmsuon",
+                      "k5_mean_step_vs_ada_rmsuon", "k1_mean_step_vs_ada_rmsuon"}
+    for v in t.values():
+        assert v["met"] == (v["value"] <= v["target"])
+    assert s["optimizer_step_ratios"]["torch AdamW (foreach)"]["vs_adamw"] == 1.0
+
+
+def test_paired_ratio():
+    a = {"samples": [{"round": 0, "wall": 2.0, "kind": "lazy"}, {"round": 1, "wall": 9.0, "kind": "sync"},
+                     {"round": 2, "wall": 3.0, "kind": "lazy"}]}
+    b = {"samples": [{"round": 0, "wall": 1.0}, {"round": 1, "wall": 3.0}, {"round": 2, "wall": 1.0}]}
+    assert cost.paired(a, b) == 3.0
+    assert cost.paired(a, b, "lazy") == 2.5
+
+
+def test_grokking_spread_and_selection():
+    s = grokking.spread([10, None, 30, 20, None])
+    assert s["median"] == 30 and s["min"] == 10 and s["max"] is None and s["reached"] == 3
+    assert grokking.spread([None, None, 5])["median"] is None  # most seeds never reached it
+    fast = {"epochs_to": {"0.5": 5, "0.9": 9, "0.99": 20}, "final": {"test_acc": 1.0}}
+    slow = {"epochs_to": {"0.5": 1, "0.9": 2, "0.99": 40}, "final": {"test_acc": 1.0}}
+    never = {"epochs_to": {"0.5": 1, "0.9": None, "0.99": None}, "final": {"test_acc": 0.6}}
+    assert min([slow, never, fast], key=grokking.selection_key) is fast
+    assert min([never, slow], key=grokking.selection_key) is slow
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory, tiny_cost) -> common.Paths:
+    """Tiny grokking and WT2 runs through the real drivers, plus the tiny cost result."""
+    tmp = tmp_path_factory.mktemp("bench")
+    paths = common.Paths.for_setting("test", tmp / "out")
+    common.write_json(paths.result("cost"), tiny_cost)
+    data = tmp / "wt2"
+    data.mkdir()
+    shutil.copy(REPO / "recipes" / "data" / "wikitext2-excerpt.train.txt", data / "wiki.valid.tokens")
+    shutil.copy(REPO / "recipes" / "data" / "wikitext2-excerpt.validation.txt", data / "wiki.test.tokens")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_RMSUON_CACHE", str(tmp / "cache"))
+    mp.setitem(grokking.SETTINGS, "test", grokking.GrokSetting(("adamw", "ars2_neo (Lazy k=5)"), (1e-3,), (0, 1), 2))
+    mp.setitem(wt2.SETTINGS, "test", wt2.WT2Setting(
+        ("ars2_neo (Lazy k=5)", "ars2_neo (Lazy k=5 + AGA)"), (1.0,), sweep_steps=2, main_steps=4,
+        eval_every=2, test_subset=4, final_full_test=True, extra_seeds=(1,), top_rows=1,
+        long_contenders=("ars2_neo (Lazy k=5)",), long_epochs=1, preset="tiny"))
+    try:
+        grokking.run("test", paths, workers=1)
+        wt2.run("test", paths, str(data), workers=1)
+    finally:
+        mp.undo()
+    return paths
+
+
+def test_tiny_runs_record_what_the_report_needs(tiny_suite):
+    g = common.read_json(tiny_suite.result("grokking"))
+    assert not g["partial"] and set(g["summary"]) == {"adamw", "ars2_neo (Lazy k=5)"}
+    assert all(len(r["curves"]["test_acc"]) == 2 for r in g["runs"])  # the 2-epoch cap
+    assert len(g["summary"]["adamw"]["median_test_acc_curve"]) == 2
+    w = common.read_json(tiny_suite.result("wt2"))
+    assert not w["partial"]
+    lazy, aga = "ars2_neo (Lazy k=5)", "ars2_neo (Lazy k=5 + AGA)"
+    # the AGA row takes its lr from the Lazy row's sweep and is not swept itself
+    assert {r["contender"] for r in w["sweep"]} == {lazy}
+    assert w["chosen_lr"][aga] == w["chosen_lr"][lazy]
+    main = w["main"][lazy]
+    assert main["steps"] == 4 and [p[0] for p in main["curves"]["dev"]] == [2, 4]
+    assert [p[0] for p in main["curves"]["test"]] == [2, 4]
+    assert math.isfinite(main["final_test_ppl"]) and main["final_test_ppl"] > 1
+    assert main["diagnostics"]["sync_ratio"] == pytest.approx(0.25)  # steps 1..4, k=5: one sync
+    # a second seed for the best family row by dev (top_rows=1); one long run of one epoch
+    best = min((aga, lazy), key=lambda c: w["main"][c]["final_dev_ppl"])
+    assert [(r["contender"], r["seed"]) for r in w["extra_seeds"]] == [(best, 1)]
+    assert w["long"][lazy]["epochs"] == pytest.approx(1.0)
+    assert w["summary"]["rows"][best]["seeds"] == [0, 1]
+
+
+def test_report_tables_and_plots_come_from_the_json(tiny_suite):
+    path = report.build("quick", tiny_suite)
+    text = path.read_text()
+    for heading in ("## Summary", "## Cost", "### Issue-6 targets", "## Grokking", "## WT2-offline",
+                    "### Over-fitting", "## Environment", "## Reproduce"):
+        assert heading in text, heading
+    names = {p.name for p in tiny_suite.plots.glob("*.png")}
+    assert names == {"cost_optimizer_step.png", "cost_training_step.png", "cost_memory.png", "grokking_curves.png",
+                     "grokking_epochs.png", "wt2_curves.png", "wt2_overfitting.png"}
+    for name in names:
+        png = (tiny_suite.plots / name).read_bytes()
+        assert png[:8] == PNG_MAGIC and len(png) > 5000, name
+        assert f"plots/{name}" in text  # every plot is shown in the report
+    # numbers in the tables are the recorded ones
+    c = common.read_json(tiny_suite.result("cost"))
+    t = cost.summarize(c)["issue6_targets"]["k1_mean_step_vs_ada_rmsuon"]
+    assert f"| {t['value']:.3f} |" in text
+    w = common.read_json(tiny_suite.result("wt2"))
+    row = w["summary"]["rows"]["ars2_neo (Lazy k=5 + AGA)"]
+    assert f"| {row['final_test_ppl']:.2f}" in text
+    g = common.read_json(tiny_suite.result("grokking"))
+    assert f"{g['chosen_lr']['adamw']:g}" in text
+
+
+def test_report_says_what_is_missing(tmp_path):
+    paths = common.Paths.for_setting("quick", tmp_path)
+    (paths.results).mkdir(parents=True)
+    text = report.build("quick", paths).read_text()
+    assert "Grokking — **not measured**" in text and "WT2 — **not measured**" in text
+    assert "**Missing or partial here: cost, grokking, wt2**" in text
+    # a partial result (sweep only) is reported as such
+    common.write_json(paths.result("grokking"), {
+        "benchmark": "grokking", "config": {"epochs": 5, "lrs": [1e-3], "seeds": [0], "stop_at": 0.99},
+        "environment": common.environment(), "partial": True, "chosen_lr": {"adamw": 1e-3},
+        "sweep": [{"contender": "adamw", "lr": 1e-3, "seed": 0, "epochs_to": {"0.5": 2, "0.9": None, "0.99": None},
+                   "epochs_run": 5}]})
+    text = report.build("quick", paths).read_text()
+    assert "Partial: only the sweep finished" in text and "| adamw | 2 / >5 / >5 | 0.001 |" in text
+
+
+def test_run_cli_rejects_unknown_benchmark(capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "cost,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_data_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_RMSUON_WT2_DIR", raising=False)
+    assert common.resolve_data_dir() == (REPO.parent / "shared" / "data" / "wikitext-2").resolve()
+    monkeypatch.setenv("HF_RMSUON_WT2_DIR", str(tmp_path))
+    assert common.resolve_data_dir() == tmp_path.resolve()
+    assert common.resolve_data_dir("/x/y") == Path("/x/y")
+
+
+def test_results_json_is_plain(tiny_cost):
+    json.dumps(tiny_cost)  # everything recorded is JSON-able
+    assert torch.get_num_threads() >= 1
