@@ -14,6 +14,8 @@ __all__ = [
     "ARS", "AdaMuon", "AdaRMSuon", "ARS2Neo", "FAdaRMSuon", "FamilyOptimizer", "Muon", "PureNSMuon", "RMSuon",
     "RoutingReport", "available_optimizers", "create_optimizer", "get_optimizer_class", "parse_optim_args",
     "route_model", "route_tensors",
+    # transformers integration (imported on first use)
+    "RMSuonTrainer", "install", "optimizer_cls_and_kwargs",
 ]
 
 
