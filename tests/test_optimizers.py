@@ -12,23 +12,14 @@ import warnings
 
 import pytest
 import torch
+from _numeric import assert_rel as _assert_rel
+from _numeric import gen as _gen
 
 import hf_rmsuon
 from hf_rmsuon import available_optimizers, create_optimizer, get_optimizer_class
 
 ALL = available_optimizers()
 SAM_MEMBERS = ("ars", "ars2_neo")
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _assert_rel(got, want, tol):
-    """‖got − want‖ ≤ tol·‖want‖ (Frobenius): robust to float32 NS rounding in single entries."""
-    err = float((got.double() - want.double()).norm())
-    scale = float(want.double().norm())
-    assert err <= tol * scale, f"relative error {err / max(scale, 1e-300):.3g} > {tol}"
 
 
 def _closure(opt, model, x, y):

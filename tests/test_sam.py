@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from _numeric import assert_rel as _assert_rel
+from _numeric import gen as _gen
 from torch import nn
 from torch.func import functional_call
 
@@ -17,16 +19,6 @@ from hf_rmsuon import create_optimizer, get_optimizer_class
 
 SAM_MEMBERS = ("ars", "ars2_neo")
 mse = nn.functional.mse_loss
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _assert_rel(got, want, tol):
-    err = float((got.double() - want.double()).norm())
-    scale = float(want.double().norm())
-    assert err <= tol * scale, f"relative error {err / max(scale, 1e-300):.3g} > {tol}"
 
 
 def _batches(n, size=8, seed=0, dtype=torch.float32):
