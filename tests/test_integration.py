@@ -242,6 +242,7 @@ def test_launcher_runs_unmodified_script_with_sam_pass(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "forward_calls.json").read_text())
     assert record["per_step"] == [2, 1, 2, 1, 2, 1]  # sync steps: two forwards; lazy steps: one
+    assert record["world_size"] == 1
     logged = [h for h in record["log_history"] if "loss" in h]
     assert logged and logged[-1]["optim/rho"] == pytest.approx(0.05)
     assert logged[-1]["optim/sync_ratio"] == pytest.approx(0.5)
@@ -296,4 +297,5 @@ def test_launcher_under_multi_process_launchers(tmp_path, launcher):
     out = launch(tmp_path, "--optim", "ars2_neo", "--optim_args", "k=2", launcher=prefix)
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "forward_calls.json").read_text())
+    assert record["world_size"] == 2  # really distributed, not two independent runs
     assert record["per_step"] == [2, 1, 2, 1, 2, 1]

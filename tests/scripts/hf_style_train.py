@@ -54,7 +54,8 @@ def main():
     trainer.train()
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "forward_calls.json"), "w") as f:
-            json.dump({"per_step": counting.per_step, "log_history": trainer.state.log_history}, f)
+            json.dump({"per_step": counting.per_step, "log_history": trainer.state.log_history,
+                       "world_size": training_args.world_size}, f)
 
 
 if __name__ == "__main__":
