@@ -104,6 +104,14 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
 
 
+def _command() -> str | None:
+    if not sys.argv or not sys.argv[0]:
+        return None
+    path = Path(sys.argv[0])
+    head = f"python -m benchmarks.{path.stem}" if path.parent.name == "benchmarks" else f"python {sys.argv[0]}"
+    return " ".join([head, *sys.argv[1:]])
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, recorded into every result file."""
     import torch
@@ -125,6 +133,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": _command(),
     }
 
 

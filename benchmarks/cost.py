@@ -46,7 +46,7 @@ class CostSetting:
 
 
 SETTINGS = {
-    "quick": CostSetting(opt_rounds=25, opt_warmup=5, ns_rounds=15, train_steps=20, train_warmup=5,
+    "quick": CostSetting(opt_rounds=20, opt_warmup=3, ns_rounds=10, train_steps=10, train_warmup=5,
                          ns_reference_shapes=False),
     "full": CostSetting(opt_rounds=100, opt_warmup=10, ns_rounds=40, train_steps=100, train_warmup=5,
                         ns_reference_shapes=True),

@@ -74,8 +74,8 @@ class WT2Setting:
 
 
 SETTINGS = {
-    "quick": WT2Setting(("adamw", "muon", "ada_rmsuon (reference)", "ars2_neo (Lazy k=5)"), (1 / 3, 1, 3),
-                        sweep_steps=50, main_steps=120, eval_every=40, test_subset=128, final_full_test=False,
+    "quick": WT2Setting(("adamw", "muon", "ada_rmsuon (reference)", "ars2_neo (Lazy k=5)"), (1, 3),
+                        sweep_steps=30, main_steps=90, eval_every=30, test_subset=128, final_full_test=False,
                         extra_seeds=(), top_rows=0, long_contenders=(), long_epochs=0),
     # sized for ~1 h of one single-threaded worker on a shared 2-core machine
     "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
