@@ -560,8 +560,13 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
         ch = wt2.get("chosen_lr", {}).get(c)
         rows.append([c, *cells, f"{ch:.3g}" + edge(ch, list(d)) if ch is not None else "—"])
     n = max((len(r) for r in rows), default=2) - 2
-    rows = [r[:-1] + ["…"] * (n + 2 - len(r)) + r[-1:] for r in rows]  # rows still running
+    rows = [r[:-1] + [""] * (n + 2 - len(r)) + r[-1:] for r in rows]  # shorter grids
     out.append(table(["contender", *[f"lr {i + 1}" for i in range(n)], "chosen"], rows, "l" + "r" * (n + 1)))
+    ext = cfg.get("extend_edges", 0)
+    out += ["", f"Grid: centre × {', '.join(f'{x:.3g}' for x in cfg['lr_factors'])} (centres: the recipes' "
+            "recommended learning rates; 1e-3 for AdamW and for ada_rmsuon energy_scale=rms)"
+            + (f"; where the best lr was at an edge of the grid, the grid was extended by one ×3 step beyond "
+               f"it, up to {ext} times." if ext else ".")]
     out += ["", "Each cell: learning rate: final dev perplexity. *(edge)*: the chosen lr is at the edge of the "
             "grid, so a value beyond it might be better still. The sweep is short "
             f"({cfg['sweep_steps']} steps), which favours larger learning rates than the longer comparison "

@@ -70,6 +70,9 @@ class WT2Setting:
     long_contenders: tuple[str, ...]
     long_epochs: int
     seed: int = 0
+    #: when a row's best lr is at the edge of its grid, extend the grid by one more ×3 step beyond
+    #: that edge, up to this many times
+    extend_edges: int = 0
     preset: str = "cpu"  # recipes/wikitext2.py preset (tests use "tiny")
 
 
@@ -80,7 +83,7 @@ SETTINGS = {
     # sized for ~1 h of one single-threaded worker on a shared 2-core machine
     "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
                        test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
-                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=4),
+                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=4, extend_edges=2),
 }
 
 
@@ -240,12 +243,28 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
         save()
 
     done = common.run_units(list(units.values()), cache, workers, "wt2 sweep", resume, on_update=sweep_update)
-    result["sweep"] = sweep_rows(done)
-    chosen = {}
-    for c in swept:
+
+    def best_lr(c: str) -> float | None:
         ok = [done[units[(c, lr)].key] for lr in grid[c] if "error" not in done[units[(c, lr)].key]]
-        if ok:
-            chosen[c] = min(ok, key=_ppl_key)["lr"]
+        return min(ok, key=_ppl_key)["lr"] if ok else None
+
+    for _ in range(cfg.extend_edges):  # the best at the grid's edge: one more ×3 step beyond it
+        new = {}
+        for c in swept:
+            lr = best_lr(c)
+            if lr is not None and len(grid[c]) > 1 and lr in (min(grid[c]), max(grid[c])):
+                nxt = lr * 3 if lr == max(grid[c]) else lr / 3
+                grid[c] = sorted([*grid[c], nxt])
+                new[(c, nxt)] = _unit("sweep", c, nxt, cfg.seed, cfg, data, steps=cfg.sweep_steps,
+                                      eval_every=cfg.sweep_steps, eval_test=False, final_full_test=False)
+        if not new:
+            break
+        units.update(new)
+        done = {**done, **common.run_units(list(new.values()), cache, workers, "wt2 sweep (edge)", resume,
+                                           on_update=lambda d, prev=done: sweep_update({**prev, **d}))}
+    result["sweep"] = sweep_rows(done)
+    result["grid"] = grid
+    chosen = {c: best_lr(c) for c in swept if best_lr(c) is not None}
     for c in cfg.contenders:
         if c in LR_FROM and LR_FROM[c] in chosen:
             chosen[c] = chosen[LR_FROM[c]]

@@ -206,3 +206,53 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 def test_results_json_is_plain(tiny_cost):
     json.dumps(tiny_cost)  # everything recorded is JSON-able
     assert torch.get_num_threads() >= 1
+
+
+def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
+    """The phases without training: the grid is extended past an edge best, rows without a sweep take
+    their lr from their source row, extra seeds go to AdamW + the best family row by dev, never by test."""
+    ran = []
+
+    def fake_run_units(units, cache, workers, desc, resume, on_update=None, **kw):
+        out = {}
+        for u in units:
+            lr, seed = u.kwargs["lr"], u.kwargs["seed"]
+            dev = 100 * (1 + abs(math.log(lr / 0.01)))  # every optimizer is best at lr 0.01 on dev
+            test = 1000 - dev  # and test disagrees, so a choice made on test would show
+            out[u.key] = {"final_dev_ppl": dev, "train_loss": 1.0, "train_seconds": 1.0, "steps": u.kwargs["max_steps"],
+                          "lr": lr, "seed": seed, "steps_per_epoch": 280, "final_test_ppl": test, "epochs": 1.0,
+                          "curves": {"dev": [[1, 0.1, dev]], "test": [[1, 0.1, test]], "train_loss": [[1, 2.0]]},
+                          "diagnostics": {}}
+            ran.append((desc, u.key, u.kwargs))
+            if on_update:
+                on_update(dict(out))
+        return out
+
+    monkeypatch.setattr(wt2.common, "run_units", fake_run_units)
+    monkeypatch.setitem(wt2.SETTINGS, "fake", wt2.WT2Setting(
+        ("adamw", "muon", "ars2_neo (Lazy k=5)", "ars (k=1)"), (1 / 3, 1, 3), sweep_steps=100, main_steps=400,
+        eval_every=100, test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=1,
+        long_contenders=("adamw",), long_epochs=4, extend_edges=2))
+    data = tmp_path / "wt2"
+    data.mkdir()
+    shutil.copy(REPO / "recipes" / "data" / "wikitext2-excerpt.train.txt", data / "wiki.valid.tokens")
+    shutil.copy(REPO / "recipes" / "data" / "wikitext2-excerpt.validation.txt", data / "wiki.test.tokens")
+    monkeypatch.setenv("HF_RMSUON_CACHE", str(tmp_path / "cache"))
+    r = wt2.run("fake", common.Paths.for_setting("fake", tmp_path / "out"), str(data), workers=1)
+    # AdamW (centre 1e-3): grid 3.3e-4..3e-3, best at the top edge → 9e-3 → 2.7e-2 (two extensions)
+    assert r["grid"]["adamw"][-2:] == pytest.approx([9e-3, 2.7e-2])
+    assert r["chosen_lr"]["adamw"] == pytest.approx(9e-3)
+    # muon (centre 2e-2): best at the bottom edge 6.7e-3 → 2.2e-3 added, 6.7e-3 stays best
+    assert r["grid"]["muon"][0] == pytest.approx(2e-2 / 9)
+    assert r["chosen_lr"]["muon"] == pytest.approx(2e-2 / 3)
+    assert "ars (k=1)" not in r["grid"] and r["chosen_lr"]["ars (k=1)"] == r["chosen_lr"]["ars2_neo (Lazy k=5)"]
+    assert all(kw["eval_test"] is False for desc, _, kw in ran if desc.startswith("wt2 sweep"))
+    main = [kw for desc, _, kw in ran if desc == "wt2 main"]
+    assert len(main) == 4 and all(kw["max_steps"] == 400 and kw["final_full_test"] for kw in main)
+    seeds = sorted(x["contender"] for x in r["extra_seeds"])
+    best_family_by_dev = min(("muon", "ars2_neo (Lazy k=5)", "ars (k=1)"), key=lambda c: r["main"][c]["final_dev_ppl"])
+    assert seeds == sorted(["adamw", best_family_by_dev])
+    long = r["long"]["adamw"]
+    assert long["lr"] == r["chosen_lr"]["adamw"]
+    assert [kw for desc, key, kw in ran if "long" in key][0]["test_subset"] == 0  # whole test file per epoch
+    assert not r["partial"] and r["missing"] == []
