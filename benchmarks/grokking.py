@@ -50,8 +50,26 @@ class GrokSetting:
     sweep_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
     sweep_note: str = ""
 
+    #: when a row's best lr reached 99% at the edge of its grid, add the next value of ``LADDER``
+    #: beyond that edge, up to this many times (the same rule as the WT2 sweep)
+    extend_edges: int = 0
+
     def grid(self, contender: str) -> tuple[float, ...]:
         return dict(self.sweep_lrs).get(contender, self.lrs)
+
+
+#: half-decade learning-rate ladder used to extend a grid past its edge
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def beyond(lr: float, grid: list[float]) -> float | None:
+    """The ladder value past ``lr`` when ``lr`` is the top (or bottom) of ``grid``."""
+    i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr)))
+    if lr == max(grid) and i + 1 < len(LADDER):
+        return LADDER[i + 1]
+    if lr == min(grid) and i > 0:
+        return LADDER[i - 1]
+    return None
 
 
 SETTINGS = {
@@ -63,12 +81,15 @@ SETTINGS = {
         sweep_lrs=(*((c, (1e-3, 3e-3)) for c in ("ada_rmsuon", "ars", "ars2_neo (Lazy k=5)",
                                                   "ars2_neo (Lazy k=5 + AGA)")),
                    ("muon", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)), ("rmsuon", (3e-4, 1e-3, 3e-3, 1e-2))),
+        extend_edges=2,
         sweep_note="the grid was changed during the run. (1) lr 3e-4 was dropped for the last four rows (time "
                    "budget): AdamW, Muon and RMSuon had not reached 99% within the cap at 3e-4 (nor at 1e-3), such a "
                    "run costs the full cap (~7 min on the shared machine), and the trend favoured larger lrs. "
                    "(2) Muon and RMSuon, which reached 99% at no lr of the common grid (Muon did not even fit the "
                    "training set: train accuracy ≤ 0.18 — Muon usually wants ~0.02), got larger values: Muon "
-                   "1e-2 and 3e-2, RMSuon 1e-2",
+                   "1e-2 and 3e-2, RMSuon 1e-2. (3) Then, as in the WT2 sweep, every row whose best lr reached 99% "
+                   "at the edge of its grid got the next half-decade value beyond it (up to twice), so that no row "
+                   "keeps an edge choice the others were allowed past",
     ),
 }
 
@@ -182,13 +203,32 @@ def run(setting: str, paths: common.Paths, workers: int = 2, resume: bool = True
         common.write_json(paths.result(NAME), result)
 
     # 1. learning-rate sweep (one seed)
-    units = [_unit(c, lr, sweep_seed, cfg) for c in cfg.contenders for lr in cfg.grid(c)]
+    grids = {c: sorted(cfg.grid(c)) for c in cfg.contenders}
+    units = [_unit(c, lr, sweep_seed, cfg) for c in cfg.contenders for lr in grids[c]]
     done = common.run_units(units, cache, workers, "grokking sweep", resume)
+
+    def best(c: str) -> dict[str, Any] | None:
+        ok = [r for r in (done[_unit(c, lr, sweep_seed, cfg).key] for lr in grids[c]) if "error" not in r]
+        return min(ok, key=selection_key) if ok else None
+
+    for _ in range(cfg.extend_edges):  # a best that reached 99% at an edge: one ladder step beyond it
+        new = []
+        for c in cfg.contenders:
+            b = best(c)
+            nxt = beyond(b["lr"], grids[c]) if b and b["epochs_to"]["0.99"] is not None and len(grids[c]) > 1 \
+                else None
+            if nxt is not None:
+                grids[c] = sorted([*grids[c], nxt])
+                new.append(_unit(c, nxt, sweep_seed, cfg))
+        if not new:
+            break
+        done = {**done, **common.run_units(new, cache, workers, "grokking sweep (edge)", resume)}
+    result["grids"] = grids
     sweep, chosen = [], {}
     for c in cfg.contenders:
-        rows = [done[_unit(c, lr, sweep_seed, cfg).key] for lr in cfg.grid(c)]
+        rows = [done[_unit(c, lr, sweep_seed, cfg).key] for lr in grids[c]]
         ok = [r for r in rows if "error" not in r]
-        for lr, r in zip(cfg.grid(c), rows):
+        for lr, r in zip(grids[c], rows):
             sweep.append({"contender": c, "lr": lr, "seed": sweep_seed, "error": r.get("error"),
                           **({k: r[k] for k in ("epochs_to", "epochs_run", "final", "seconds")} if "error" not in r
                              else {})})

@@ -294,6 +294,19 @@ def plot_wt2(wt2: dict[str, Any], out: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 
+def long_ratio(wt2: dict[str, Any]) -> str:
+    """The long runs' family/AdamW ratio (closer to the claim's 5 epochs than the 400-step table)."""
+    long = wt2.get("summary", {}).get("long", {})
+    a = long.get("adamw", {})
+    out = []
+    for c, r in long.items():
+        if c != "adamw" and a.get("final_test_ppl") and r.get("final_test_ppl"):
+            out.append(f"{c} {r['final_test_ppl']:.1f} vs AdamW {a['final_test_ppl']:.1f} "
+                       f"({r['final_test_ppl'] / a['final_test_ppl']:.2f}×; best {r['best_test_ppl']:.1f} vs "
+                       f"{a['best_test_ppl']:.1f})")
+    return (f" After {a['epochs']:.0f} epochs (the long runs): " + "; ".join(out) + ".") if out else ""
+
+
 def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(claim lines, recommendation lines), derived from the data."""
     claims, recs = [], []
@@ -346,12 +359,25 @@ def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
         claims.append(
             f"- WT2 — claim: {CLAIMS['wt2']} (ratios 0.80 and 0.77). Here (CPU model, WT2-offline, "
             f"{wt2['config']['main_steps']} steps ≈ {f(rows['adamw'].get('epochs'))} epochs): AdamW {a:.1f}; "
-            + "; ".join(parts) + f" → {verdict}.{extra} Absolute perplexities are not comparable with the "
-            "claim's (smaller model, 1/10 of the data, fewer epochs).")
+            + "; ".join(parts) + f" → {verdict}.{extra}" + long_ratio(wt2)
+            + " Absolute perplexities are not comparable with the claim's (smaller model, 1/10 of the data).")
     elif wt2:
         claims.append("- WT2 — incomplete (see the WT2 section).")
     else:
         claims.append("- WT2 — **not measured** (no results/wt2.json).")
+
+    long = wt2.get("summary", {}).get("long", {})
+    if long:
+        bits = []
+        for c, r in long.items():
+            if r.get("best_test_ppl") and r.get("final_test_ppl"):
+                if r["final_test_ppl"] > r["best_test_ppl"] * 1.01:
+                    bits.append(f"{c} over-fits: best test ppl {r['best_test_ppl']:.1f} at epoch "
+                                f"{r['best_epoch']:.0f}, {r['final_test_ppl']:.1f} at epoch {r['epochs']:.0f}")
+                else:
+                    bits.append(f"{c} does not over-fit within {r['epochs']:.0f} epochs (test ppl "
+                                f"{r['final_test_ppl']:.1f} at the end, its best)")
+        claims.append("- Over-fitting on WT2 (the documents describe it): " + "; ".join(bits) + ".")
 
     cost = data.get("cost", {})
     if cost:
@@ -507,7 +533,7 @@ def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
     out.append(f"`recipes/grokking.py` (`run_grokking`): (a + b) mod 113, 30% of the pairs for training, one "
                f"transformer block, batch 512, betas (0.9, 0.98), weight decay 1.0 (every parameter), cap "
                f"{cfg['epochs']} epochs, a run stops once test accuracy reaches {cfg['stop_at']:.0%}. "
-               f"Learning-rate grid {', '.join(f'{x:g}' for x in cfg['lrs'])} for every contender, one seed "
+               f"Learning-rate grid {', '.join(f'{x:g}' for x in cfg['lrs'])} for every contender (changes below), one seed "
                f"(seed {cfg['seeds'][0]}); then seeds {', '.join(map(str, cfg['seeds']))} at the chosen lr (the "
                "sweep seed's run is reused). Grokking has only train and test: the lr is chosen by epochs to 99% "
                "**test** accuracy on the sweep seed, the same way for every contender.")
@@ -525,9 +551,10 @@ def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
     for r in grok.get("sweep", []):
         by.setdefault(r["contender"], {})[r["lr"]] = r
     rows = []
+    lrs_all = sorted({lr for d in by.values() for lr in d} | set(cfg["lrs"]))
     for c, d in by.items():
         cells = []
-        for lr in cfg["lrs"]:
+        for lr in lrs_all:
             r = d.get(lr)
             if r is None or r.get("error"):
                 cells.append("not run" if r is None else "error")
@@ -537,7 +564,7 @@ def grokking_section(grok: dict[str, Any], plots: dict[str, str]) -> list[str]:
                                     for t in ("0.5", "0.9", "0.99")))
         ch = grok.get("chosen_lr", {}).get(c)
         rows.append([c, *cells, f"{ch:g}" + edge(ch, list(d)) if ch is not None else "—"])
-    out.append(table(["contender", *[f"lr {lr:g}: ep to 50/90/99%" for lr in cfg["lrs"]], "chosen lr"], rows))
+    out.append(table(["contender", *[f"lr {lr:g}: ep to 50/90/99%" for lr in lrs_all], "chosen lr"], rows))
     out += ["", "*(edge)*: the chosen lr is at the edge of the grid, so a value beyond it might be better still."]
     s = grok.get("summary", {})
     if s:
@@ -670,7 +697,7 @@ def build(setting: str, paths: common.Paths) -> Path:
               "- One 2-core CPU shared with other work; every run single-threaded. Cost ratios come from "
               "interleaved rounds in one process (robust to drifts); absolute times are not.",
               "- WT2-offline is ~1/10 of WikiText-2's training text and the model is the ~1 M-parameter CPU "
-              "preset, trained for a few hundred steps (plus a 4-epoch over-fitting run for two rows) — not the "
+              "preset, trained for a few hundred steps (plus a longer over-fitting run for two rows) — not the "
               "claims' reference model after 5 epochs of full WT2. Compare ratios to AdamW, not perplexities.",
               "- Learning rates come from a short sweep with one seed (WT2: on the dev slice; grokking: by epochs "
               "to 99% test accuracy, grokking having no other split). ρ, k, α and the AGA constants were not "

@@ -80,10 +80,10 @@ SETTINGS = {
     "quick": WT2Setting(("adamw", "muon", "ada_rmsuon (reference)", "ars2_neo (Lazy k=5)"), (1, 3),
                         sweep_steps=30, main_steps=90, eval_every=30, test_subset=128, final_full_test=False,
                         extra_seeds=(), top_rows=0, long_contenders=(), long_epochs=0),
-    # sized for ~1 h of one single-threaded worker on a shared 2-core machine
+    # sized for ~1 h of one single-threaded worker on a shared 2-core machine (+ the 8-epoch runs)
     "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
                        test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
-                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=4, extend_edges=2),
+                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=8, extend_edges=2),
 }
 
 
