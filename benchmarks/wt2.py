@@ -13,8 +13,10 @@ Splits — what is tuned on what:
 Data mode *chunk* (one token stream cut into 128-token blocks: no padding, every step the same
 cost). Cosine schedule with 5% warm-up, the recipe's per-optimizer weight decay/betas, equal step
 budgets for every contender. Phases: (1) lr sweep on dev, one seed; (2) every contender at its lr;
-(3) long runs (several epochs) that show over-fitting, and a second seed for AdamW and the best
-family rows (ranked on dev).
+(3) a second seed for AdamW and the best family rows (ranked on dev); ARS2-Neo's ρ and k varied
+one at a time around its defaults at the comparison budget (chosen on dev); long runs (several
+epochs, two learning rates each: the sweep's choice and a third of it) that show over-fitting, with
+early stopping on dev as the long-horizon comparison.
 """
 
 from __future__ import annotations
@@ -50,10 +52,20 @@ CONTENDERS: dict[str, tuple[str, str, float]] = {
 #: contenders that take their learning rate from another's sweep (same update rule and energy scale;
 #: sweeping them too would double the sweep's cost)
 LR_FROM = {
-    "f_ada_rmsuon (elementwise)": "f_ada_rmsuon (projected)",
     "ars (k=1)": "ars2_neo (Lazy k=5)",
     "ars2_neo (Lazy k=5 + AGA)": "ars2_neo (Lazy k=5)",
 }
+
+
+#: the Lazy row whose learning rate the ρ/k variants share, and the variants (one change each)
+SAM_BASE = "ars2_neo (Lazy k=5)"
+SAM_VARIANTS = (("k=5, ρ=0.03", "k=5,rho=0.03"), ("k=5, ρ=0.3", "k=5,rho=0.3"),
+                ("k=2, ρ=0.1", "k=2"), ("k=10, ρ=0.1", "k=10"))
+
+
+def long_key(contender: str, factor: float) -> str:
+    """Row name of a long run: the contender, plus the lr factor when it is not the sweep's lr."""
+    return contender if factor == 1 else f"{contender} (lr/{1 / factor:.3g})"
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,11 @@ class WT2Setting:
     top_rows: int  # how many family rows (ranked on dev) get the extra seeds
     long_contenders: tuple[str, ...]
     long_epochs: int
+    #: the long runs' learning rates: the sweep's choice × each factor (the 100-step sweep favours
+    #: larger rates than several epochs want; the long-horizon comparison picks among them on dev)
+    long_lr_factors: tuple[float, ...] = (1.0,)
+    #: ARS2-Neo variants (label, optim_args) run at the Lazy k=5 row's lr and the comparison budget
+    sam_variants: tuple[tuple[str, str], ...] = ()
     seed: int = 0
     #: when a row's best lr is at the edge of its grid, extend the grid by one more ×3 step beyond
     #: that edge, up to this many times
@@ -83,7 +100,10 @@ SETTINGS = {
     # sized for ~1 h of one single-threaded worker on a shared 2-core machine (+ the 8-epoch runs)
     "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
                        test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
-                       long_contenders=("adamw", "ada_rmsuon (reference)"), long_epochs=8, extend_edges=2),
+                       long_contenders=("adamw", "muon", "ada_rmsuon (reference)", "ada_rmsuon (rms)",
+                                        "ars2_neo (Lazy k=5)"),
+                       long_epochs=8, long_lr_factors=(1.0, 1 / 3), extend_edges=2,
+                       sam_variants=SAM_VARIANTS),
 }
 
 
@@ -178,8 +198,11 @@ def wt2_unit(optim: str, optim_args: str, lr: float, seed: int, max_steps: int, 
 
 
 def _unit(tag: str, label: str, lr: float, seed: int, cfg: WT2Setting, data_dir: Path, *, steps: int,
-          eval_every: int, eval_test: bool, final_full_test: bool, epochs: float | None = None) -> common.Unit:
-    optim, optim_args, _ = CONTENDERS[label]
+          eval_every: int, eval_test: bool, final_full_test: bool, epochs: float | None = None,
+          optim_args: str | None = None) -> common.Unit:
+    """A run of contender ``label`` (``optim_args`` replaces its options, for the SAM variants)."""
+    optim, default_args, _ = CONTENDERS[label]
+    optim_args = default_args if optim_args is None else optim_args
     return common.Unit(f"wt2-{tag}-{label}-lr{lr:.3g}-s{seed}", "benchmarks.wt2", "wt2_unit", {
         "optim": optim, "optim_args": optim_args, "lr": lr, "seed": seed, "max_steps": steps,
         "eval_every": eval_every, "data_dir": str(data_dir), "test_subset": cfg.test_subset,
@@ -293,29 +316,42 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
     top = (["adamw"] if "adamw" in main else []) + family[:cfg.top_rows]
     spe = next((r["steps_per_epoch"] for r in main.values() if "steps_per_epoch" in r), 282)
     units3: dict[tuple[str, str, int], common.Unit] = {}
-    for c in cfg.long_contenders:
-        if c in chosen:  # once per epoch, on the whole test file
-            u = _unit("long", c, chosen[c], cfg.seed, cfg, data, steps=0, eval_every=spe, eval_test=True,
-                      final_full_test=False, epochs=float(cfg.long_epochs))
-            u.kwargs["test_subset"] = 0
-            units3[("long", c, cfg.seed)] = u
+    contender_of: dict[str, tuple[str, float]] = {}  # long-run / variant row → (contender, lr factor)
     for s in cfg.extra_seeds:
         for c in top:
             units3[("seed", c, s)] = _unit("main", c, chosen[c], s, cfg, data, steps=cfg.main_steps,
                                            eval_every=cfg.eval_every, eval_test=True,
                                            final_full_test=cfg.final_full_test)
+    if SAM_BASE in chosen:
+        for label, args in cfg.sam_variants:
+            units3[("sam", label, cfg.seed)] = _unit(
+                f"sam-{args}", SAM_BASE, chosen[SAM_BASE], cfg.seed, cfg, data, steps=cfg.main_steps,
+                eval_every=cfg.eval_every, eval_test=True, final_full_test=cfg.final_full_test, optim_args=args)
+            contender_of[label] = (SAM_BASE, 1.0)
+    for c in cfg.long_contenders:
+        for factor in cfg.long_lr_factors if c in chosen else ():  # once per epoch, on the whole test file
+            lr = chosen[c] if factor == 1 else _r(chosen[c] * factor)  # the sweep's value exactly (cache key)
+            u = _unit("long", c, lr, cfg.seed, cfg, data, steps=0, eval_every=spe,
+                      eval_test=True, final_full_test=False, epochs=float(cfg.long_epochs))
+            u.kwargs["test_subset"] = 0
+            units3[("long", long_key(c, factor), cfg.seed)] = u
+            contender_of[long_key(c, factor)] = (c, factor)
 
     def update3(done: dict[str, dict[str, Any]]) -> None:
-        result["long"] = {c: {"contender": c, **done[u.key]} for (kind, c, _), u in units3.items()
-                          if kind == "long" and u.key in done}
+        def rows_of(kind: str) -> dict[str, dict[str, Any]]:
+            return {name: {"contender": contender_of[name][0], "lr_factor": contender_of[name][1], **done[u.key]}
+                    for (k, name, _), u in units3.items() if k == kind and u.key in done}
+
+        result["long"] = rows_of("long")
+        result["sam_variants"] = rows_of("sam")
         result["extra_seeds"] = [{"contender": c, **done[u.key]} for (kind, c, _), u in units3.items()
                                  if kind == "seed" and u.key in done]
         result["missing"] = [f"{kind} {c} seed {s}" for (kind, c, s), u in units3.items() if u.key not in done]
         save()
 
     if units3:
-        # seeds first (they complete the comparison table), then the long runs
-        order3 = sorted(units3.items(), key=lambda kv: kv[0][0] == "long")
+        # seeds first (they complete the comparison table), then the SAM variants, then the long runs
+        order3 = sorted(units3.items(), key=lambda kv: ("seed", "sam", "long").index(kv[0][0]))
         done = common.run_units([u for _, u in order3], cache, workers, "wt2 seeds+long", resume,
                                 on_update=update3)
         update3(done)
@@ -350,16 +386,36 @@ def summarize(result: dict[str, Any], cfg: WT2Setting) -> dict[str, Any]:
     base = rows.get("adamw", {}).get("final_test_ppl")
     for row in rows.values():
         row["vs_adamw"] = _r(row["final_test_ppl"] / base) if base and row.get("final_test_ppl") else None
-    long = {}
-    for c, r in result.get("long", {}).items():
-        if "error" in r:
-            continue
-        t = r["curves"]["test"]
-        best = min(t, key=lambda x: x[2]) if t else None
-        long[c] = {"lr": r["lr"], "epochs": r["epochs"], "best_test_ppl": best[2] if best else None,
-                   "best_epoch": best[1] if best else None, "final_test_ppl": t[-1][2] if t else None,
-                   "final_train_loss": r["curves"]["train_loss"][-1][1] if r["curves"]["train_loss"] else None}
-    return {"ppl_key": ppl_key, "rows": rows, "long": long}
+    long = {name: summarize_long(r) for name, r in result.get("long", {}).items() if "error" not in r}
+    # the long-horizon comparison: per contender, the long run with the best dev perplexity at any
+    # epoch, read at that epoch (early stopping on dev; test is only read)
+    long_selected: dict[str, str] = {}
+    for name, r in long.items():
+        c, cur = r["contender"], long_selected.get(r["contender"])
+        if r["best_dev_ppl"] is not None and (cur is None or r["best_dev_ppl"] < long[cur]["best_dev_ppl"]):
+            long_selected[c] = name
+    sam = {}
+    for name, r in result.get("sam_variants", {}).items():
+        if "error" not in r:
+            sam[name] = {"optim_args": r["optim_args"], "lr": r["lr"], "final_dev_ppl": r["final_dev_ppl"],
+                         "final_test_ppl": r.get(ppl_key), "sync_ratio": r.get("diagnostics", {}).get("sync_ratio"),
+                         "train_seconds": r.get("train_seconds")}
+    return {"ppl_key": ppl_key, "rows": rows, "long": long, "long_selected": long_selected, "sam_variants": sam}
+
+
+def summarize_long(r: dict[str, Any]) -> dict[str, Any]:
+    """A long run's curve read three ways: best test, test at the best-dev epoch, final."""
+    t, d = r["curves"]["test"], r["curves"]["dev"]
+    best = min(t, key=lambda x: x[2]) if t else None
+    finite_dev = [x for x in d if math.isfinite(x[2])]
+    best_dev = min(finite_dev, key=lambda x: x[2]) if finite_dev else None
+    test_at = {x[0]: x[2] for x in t}
+    return {"contender": r.get("contender"), "lr": r["lr"], "lr_factor": r.get("lr_factor", 1.0),
+            "epochs": r["epochs"], "best_test_ppl": best[2] if best else None, "best_epoch": best[1] if best else None,
+            "final_test_ppl": t[-1][2] if t else None,
+            "best_dev_ppl": best_dev[2] if best_dev else None, "best_dev_epoch": best_dev[1] if best_dev else None,
+            "test_at_best_dev": test_at.get(best_dev[0]) if best_dev else None,
+            "final_train_loss": r["curves"]["train_loss"][-1][1] if r["curves"]["train_loss"] else None}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,7 +115,8 @@ def tiny_suite(tmp_path_factory, tiny_cost) -> common.Paths:
     mp.setitem(wt2.SETTINGS, "test", wt2.WT2Setting(
         ("ars2_neo (Lazy k=5)", "ars2_neo (Lazy k=5 + AGA)"), (1.0,), sweep_steps=2, main_steps=4,
         eval_every=2, test_subset=4, final_full_test=True, extra_seeds=(1,), top_rows=1,
-        long_contenders=("ars2_neo (Lazy k=5)",), long_epochs=1, preset="tiny"))
+        long_contenders=("ars2_neo (Lazy k=5)",), long_epochs=1, preset="tiny", long_lr_factors=(1.0, 0.5),
+        sam_variants=(("k=2, ρ=0.1", "k=2"),)))
     try:
         grokking.run("test", paths, workers=1)
         wt2.run("test", paths, str(data), workers=1)
@@ -145,13 +146,24 @@ def test_tiny_runs_record_what_the_report_needs(tiny_suite):
     assert [(r["contender"], r["seed"]) for r in w["extra_seeds"]] == [(best, 1)]
     assert w["long"][lazy]["epochs"] == pytest.approx(1.0)
     assert w["summary"]["rows"][best]["seeds"] == [0, 1]
+    # the long runs at the sweep's lr and at half of it; the one with the better dev ppl is the comparison's
+    half = w["long"][f"{lazy} (lr/2)"]
+    assert half["lr"] == pytest.approx(w["chosen_lr"][lazy] / 2) and half["contender"] == lazy
+    sel = w["summary"]["long_selected"][lazy]
+    other = f"{lazy} (lr/2)" if sel == lazy else lazy
+    assert w["summary"]["long"][sel]["best_dev_ppl"] <= w["summary"]["long"][other]["best_dev_ppl"]
+    # the ρ/k variant: ARS2-Neo at the Lazy row's lr with only k changed (k=2 over steps 1..4: two syncs)
+    variant = w["sam_variants"]["k=2, ρ=0.1"]
+    assert variant["optim"] == "ars2_neo" and variant["optim_args"] == "k=2" and variant["lr"] == w["chosen_lr"][lazy]
+    assert variant["diagnostics"]["sync_ratio"] == pytest.approx(0.5)
 
 
 def test_report_tables_and_plots_come_from_the_json(tiny_suite):
     path = report.build("quick", tiny_suite)
     text = path.read_text()
     for heading in ("## Summary", "## Cost", "### Issue-6 targets", "## Grokking", "## WT2-offline",
-                    "### Over-fitting", "## Environment", "## Reproduce"):
+                    "### ARS2-Neo settings: ρ and k", "### Over-fitting and the long horizon", "## Environment",
+                    "## Reproduce"):
         assert heading in text, heading
     names = {p.name for p in tiny_suite.plots.glob("*.png")}
     assert names == {"cost_optimizer_step.png", "cost_training_step.png", "cost_memory.png", "grokking_curves.png",
@@ -184,7 +196,7 @@ def test_report_says_what_is_missing(tmp_path):
         "sweep": [{"contender": "adamw", "lr": 1e-3, "seed": 0, "epochs_to": {"0.5": 2, "0.9": None, "0.99": None},
                    "epochs_run": 5}]})
     text = report.build("quick", paths).read_text()
-    assert "Partial: only the sweep finished" in text and "| adamw | 2 / >5 / >5 | 0.001 |" in text
+    assert "Partial: only the sweep finished" in text and "| adamw | 2 / >5 / >5 | 0.001 (none reached 99%: tie-break) |" in text
 
 
 def test_run_cli_rejects_unknown_benchmark(capsys):
@@ -220,7 +232,8 @@ def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
             dev = 100 * (1 + abs(math.log(lr / 0.01)))  # every optimizer is best at lr 0.01 on dev
             test = 1000 - dev  # and test disagrees, so a choice made on test would show
             out[u.key] = {"final_dev_ppl": dev, "train_loss": 1.0, "train_seconds": 1.0, "steps": u.kwargs["max_steps"],
-                          "lr": lr, "seed": seed, "steps_per_epoch": 280, "final_test_ppl": test, "epochs": 1.0,
+                          "lr": lr, "seed": seed, "steps_per_epoch": 280, "optim": u.kwargs["optim"],
+                          "optim_args": u.kwargs["optim_args"], "final_test_ppl": test, "epochs": 1.0,
                           "curves": {"dev": [[1, 0.1, dev]], "test": [[1, 0.1, test]], "train_loss": [[1, 2.0]]},
                           "diagnostics": {}}
             ran.append((desc, u.key, u.kwargs))
@@ -232,7 +245,8 @@ def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
     monkeypatch.setitem(wt2.SETTINGS, "fake", wt2.WT2Setting(
         ("adamw", "muon", "ars2_neo (Lazy k=5)", "ars (k=1)"), (1 / 3, 1, 3), sweep_steps=100, main_steps=400,
         eval_every=100, test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=1,
-        long_contenders=("adamw",), long_epochs=4, extend_edges=2))
+        long_contenders=("adamw",), long_epochs=4, extend_edges=2, long_lr_factors=(1.0, 1 / 3),
+        sam_variants=(("k=5, ρ=0.3", "k=5,rho=0.3"),)))
     data = tmp_path / "wt2"
     data.mkdir()
     shutil.copy(REPO / "recipes" / "data" / "wikitext2-excerpt.train.txt", data / "wiki.valid.tokens")
@@ -254,5 +268,37 @@ def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
     assert seeds == sorted(["adamw", best_family_by_dev])
     long = r["long"]["adamw"]
     assert long["lr"] == r["chosen_lr"]["adamw"]
-    assert [kw for desc, key, kw in ran if "long" in key][0]["test_subset"] == 0  # whole test file per epoch
+    assert r["long"]["adamw (lr/3)"]["lr"] == pytest.approx(r["chosen_lr"]["adamw"] / 3)
+    assert all(kw["test_subset"] == 0 for desc, key, kw in ran if "long" in key)  # whole test file per epoch
+    # the lr/3 run has the better test but the worse dev ppl: the long-horizon pick follows dev
+    assert r["summary"]["long_selected"] == {"adamw": "adamw"}
+    variant = [kw for desc, key, kw in ran if "-sam-" in key]
+    assert [(kw["optim"], kw["optim_args"], kw["lr"], kw["max_steps"]) for kw in variant] == [
+        ("ars2_neo", "k=5,rho=0.3", r["chosen_lr"]["ars2_neo (Lazy k=5)"], 400)]
     assert not r["partial"] and r["missing"] == []
+
+
+def _sam_report_data(devs: dict[str, float]) -> dict:
+    """WT2 result with the two SAM rows and ρ/k variants of the given dev perplexities."""
+    rows = {name: {"lr": 0.01, "final_dev_ppl": devs[name], "final_test_ppl": devs[name] - 10, "train_seconds": 1.0,
+                   "sync_ratio": None} for name in ("ars (k=1)", "ars2_neo (Lazy k=5)")}
+    variants = {label: {"optim_args": args, "lr": 0.01, "final_dev_ppl": devs[label], "final_test_ppl": 1.0,
+                        "sync_ratio": None, "train_seconds": 1.0}
+                for label, args in (("k=10, ρ=0.1", "k=10"), ("k=5, ρ=0.3", "k=5,rho=0.3"),
+                                    ("k=5, ρ=0.03", "k=5,rho=0.03"))}
+    return {"wt2": {"summary": {"rows": rows, "sam_variants": variants},
+                    "contenders": {"ars (k=1)": {"optim_args": ""}, "ars2_neo (Lazy k=5)": {"optim_args": "k=5"}}}}
+
+
+def test_rho_and_k_recommendations_follow_dev():
+    # k=1 is best, k=10 within 2% of it → the cheapest such k (10); ρ = 0.3 best at k = 5
+    _, recs = report.verdicts(_sam_report_data({"ars (k=1)": 100.0, "ars2_neo (Lazy k=5)": 104.0,
+                                                "k=10, ρ=0.1": 101.5, "k=5, ρ=0.3": 99.0, "k=5, ρ=0.03": 110.0}))
+    text = "\n".join(recs)
+    assert "- `k`: **10**" in text and "(best: k=1)" in text
+    assert "- `rho`: **0.3**" in text and "ρ=0.03 110.0" in text
+    # no Lazy k within 2% → SAM on every step
+    _, recs = report.verdicts(_sam_report_data({"ars (k=1)": 100.0, "ars2_neo (Lazy k=5)": 104.0,
+                                                "k=10, ρ=0.1": 108.0, "k=5, ρ=0.3": 105.0, "k=5, ρ=0.03": 103.0}))
+    text = "\n".join(recs)
+    assert "- `k`: **1**" in text and "- `rho`: **0.03**" in text
