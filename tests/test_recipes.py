@@ -353,6 +353,29 @@ def test_wikitext2_two_process_cpu_run_through_accelerate_launch(tmp_path):
     assert summary["eval_tokens"] == sum(len(s) - 1 for s in data.validation.sequences)
 
 
+@pytest.mark.slow
+def test_two_process_run_shuts_down_cleanly_when_the_script_destroys_the_process_group(tmp_path):
+    """A user script that calls ``destroy_process_group()`` after training (ARS2-Neo Lazy + AGA + ASI,
+    evaluation and checkpoints on) must exit on both ranks: no collective left pending."""
+    script = tmp_path / "train_then_destroy.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'recipes')!r})\n"
+        "import torch.distributed as dist\n"
+        "import wikitext2\n"
+        "wikitext2.main(sys.argv[1:])\n"
+        "dist.destroy_process_group()\n"
+        "print('process group destroyed', flush=True)\n")
+    accelerate = str(Path(PY).parent / "accelerate")
+    out = run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+               str(script), "--preset", "tiny", "--max_steps", "4", "--disable_tqdm", "true", "--eval_strategy",
+               "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--optim", "ars2_neo",
+               "--optim_args", "k=2,adaptive_sync=true,asi=true", "--use_excerpt", "--output_dir",
+               str(tmp_path / "ddp"), "--tokenizer_cache_dir", str(tmp_path / "tok")], tmp_path, timeout=300)
+    assert out.stdout.count("process group destroyed") == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # grokking
 # --------------------------------------------------------------------------------------------------
