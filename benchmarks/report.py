@@ -375,7 +375,10 @@ def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
                 f"the AdaRMSuon/ARS members {min(named.values()):.0f}–{max(named.values()):.0f} "
                 f"({'≥' if not a else ''}{ratio:.1f}× sooner, median over them) → {verdict}"
                 + (f"; fastest family member {best} {reached[best]:.0f} ({speedup(reached[best]):.1f}×)" if best not in
-                   named else "") + f". All family medians: {others}." if named else
+                   named else "")
+                + (" — orthogonalized updates of AdamW's size grok at least as fast without the AdaRMSuon/ARS machinery, so "
+                   "the speed-up is not specific to the claim's optimizers" if best.startswith("muon") else "")
+                + f". All family medians: {others}." if named else
                 f"- Grokking — claim: {CLAIMS['grokking']}. Here: AdamW median {a_txt}; fastest family member {best} "
                 f"{reached[best]:.0f} → {verdict}. All family medians: {others}.")
         else:
