@@ -815,7 +815,7 @@ def build(setting: str, paths: common.Paths) -> Path:
               "- One 2-core CPU shared with other work; every run single-threaded. Cost ratios come from "
               "interleaved rounds in one process (robust to drifts); absolute times are not.",
               "- WT2-offline is ~1/10 of WikiText-2's training text and the model is the ~1 M-parameter CPU "
-              "preset, trained for a few hundred steps (plus 8-epoch runs for five rows) — not the "
+              "preset, trained for a few hundred steps (plus 8-epoch runs for six rows) — not the "
               "claims' reference model after 5 epochs of full WT2. Compare ratios to AdamW, not perplexities.",
               "- Learning rates come from a short sweep with one seed (WT2: on the dev slice; grokking: by epochs "
               "to 99% test accuracy, grokking having no other split). ρ and k were varied one at a time on WT2 "

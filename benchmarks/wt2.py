@@ -101,7 +101,7 @@ SETTINGS = {
     "full": WT2Setting(tuple(CONTENDERS), (1 / 3, 1, 3), sweep_steps=100, main_steps=400, eval_every=100,
                        test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
                        long_contenders=("adamw", "muon", "ada_rmsuon (reference)", "ada_rmsuon (rms)",
-                                        "ars2_neo (Lazy k=5)"),
+                                        "ars (k=1)", "ars2_neo (Lazy k=5)"),
                        long_epochs=8, long_lr_factors=(1.0, 1 / 3), extend_edges=2,
                        sam_variants=SAM_VARIANTS),
 }
