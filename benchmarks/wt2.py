@@ -34,8 +34,9 @@ from . import common
 
 NAME = "wt2"
 
-#: label → (--optim, optim_args string, lr grid centre). Centres: the recipes' RECOMMENDED_LR
-#: (AdamW: transformers' usual 1e-3; ada_rmsuon energy_scale=rms has AdamW's step energy → 1e-3).
+#: label → (--optim, optim_args string, lr grid centre). Centres: usual values for AdamW (1e-3), Muon
+#: (2e-2) and AdaMuon/RMSuon (3e-3); 5e-4 for the energy_scale="reference" AdaRMSuon members (their
+#: updates are ~√rank larger than AdamW's at the same lr); 1e-3 for energy_scale="rms" (AdamW's energy).
 CONTENDERS: dict[str, tuple[str, str, float]] = {
     "adamw": ("adamw_torch", "", 1e-3),
     "muon": ("muon", "", 2e-2),
