@@ -523,14 +523,22 @@ def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
     else:
         recs.append("- `rho`: 0.1 (the default) — ρ was **not swept** here; every SAM row uses it.")
     lg = long_selected(wt2)
-    over = {c: r for c, r in lg.items() if r.get("best_test_ppl") and r["final_test_ppl"] > r["best_test_ppl"] * 1.01}
-    if over:
-        recs.append("- Multi-epoch training on small data: evaluate every epoch and keep the best checkpoint "
-                    "(`load_best_model_at_end`) — " + ", ".join(f"{c} peaked at epoch {r['best_epoch']:.0f}"
-                                                                for c, r in over.items())
-                    + (" (the family member sooner than AdamW at these rates)." if "adamw" in over and any(
-                        r["best_epoch"] < over["adamw"]["best_epoch"] for c, r in over.items() if c != "adamw")
-                       else "."))
+    a, fam = lg.get("adamw"), {c: r for c, r in lg.items() if c != "adamw" and r.get("best_dev_epoch")}
+    if a and a.get("best_dev_epoch") and fam:
+        ep = [r["best_dev_epoch"] for r in fam.values()]
+        train = [math.exp(r["final_train_loss"]) for r in fam.values() if r.get("final_train_loss") is not None]
+        worst = max(fam.items(), key=lambda kv: kv[1]["final_test_ppl"] / kv[1]["best_test_ppl"])
+        smaller = [c for c, r in lg.items() if r.get("lr_factor", 1.0) < 1]
+        recs.append(
+            "- Multi-epoch training on small data: evaluate every epoch on a held-out split and keep the best "
+            "checkpoint (`load_best_model_at_end=True`). On dev, AdamW peaked at epoch "
+            f"{a['best_dev_epoch']:.0f}, the family rows at epochs {min(ep):.0f}–{max(ep):.0f}: they fit the "
+            f"training set faster (final train ppl {min(train):.0f}–{max(train):.0f} vs AdamW's "
+            f"{math.exp(a['final_train_loss']):.0f}) and over-fit harder (final / best test ppl up to "
+            f"{worst[1]['final_test_ppl'] / worst[1]['best_test_ppl']:.2f} for {worst[0]}, AdamW "
+            f"{a['final_test_ppl'] / a['best_test_ppl']:.2f})."
+            + (f" For several epochs, use a smaller lr than a 100-step sweep picks: {len(smaller)} of {len(lg)} "
+               "contenders did better on dev at a third of it." if smaller else ""))
     return claims, recs
 
 
@@ -782,7 +790,11 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
                                                           if len(factors) > 1 else "") + ". "
                 "**✓** = per contender, the run with the best dev perplexity; *test ppl there* (test at that "
                 "run's best-dev epoch, i.e. early stopping on dev) is the long-horizon comparison in the Summary. "
-                "Best test ppl is shown for the over-fitting picture only; nothing is chosen by it.",
+                "Best test ppl is shown for the over-fitting picture only; nothing is chosen by it."
+                + (f" {n_low} of {len(selected)} contenders preferred the smallest rate tried, so a smaller one still "
+                   "might do better there (not run)." if (n_low := sum(long[x].get("lr_factor", 1.0) == min(factors)
+                                                                        for x in selected)) and len(factors) > 1
+                   else ""),
                 "", f"![wt2 over-fitting]({plots.get('wt2_overfitting', '')})", ""]
     elif cfg.get("long_contenders"):
         out += ["", "Over-fitting runs: **missing** (not finished).", ""]
