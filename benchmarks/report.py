@@ -830,8 +830,12 @@ def build(setting: str, paths: common.Paths) -> Path:
     claims, recs = verdicts(data)
     lines += ["## Summary", ""]
     if setting != "full":
-        lines += [f"**Reduced ({setting}) setting**: the same pipeline, tables and plots on runs far too short to "
-                  "judge the claims (caps of tens of epochs, ~100 steps); the verdicts below are computed the same "
+        sizes = [f"{len(data['grokking']['config']['seeds'])} grokking seeds, one lr, cap "
+                 f"{data['grokking']['config']['epochs']} epochs"] if "grokking" in data else []
+        sizes += [f"WT2 runs of {data['wt2']['config']['main_steps']} steps"
+                  + ("" if data["wt2"]["config"].get("long_contenders") else ", no long runs")] if "wt2" in data else []
+        lines += [f"**Reduced ({setting}) setting**: the same pipeline, tables and plots on runs too small to "
+                  f"judge the claims ({'; '.join(sizes) or 'no results'}); the verdicts below are computed the same "
                   "way but mean little. The committed full-setting results are in the repository's BENCHMARKS.md.",
                   ""]
     lines += [*claims, "", "Recommended defaults that follow:", "", *recs, ""]
