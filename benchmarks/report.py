@@ -538,7 +538,7 @@ def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"{worst[1]['final_test_ppl'] / worst[1]['best_test_ppl']:.2f} for {worst[0]}, AdamW "
             f"{a['final_test_ppl'] / a['best_test_ppl']:.2f})."
             + (f" For several epochs, use a smaller lr than a 100-step sweep picks: {len(smaller)} of {len(lg)} "
-               "contenders did better on dev at a third of it." if smaller else ""))
+               "contenders did better on dev at a third of it or less." if smaller else ""))
     return claims, recs
 
 
@@ -785,16 +785,21 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
         out.append(table(["run", "lr", "best dev ppl", "at epoch", "test ppl there", "best test ppl", "at epoch",
                           "final test ppl", "final / best test", "final train ppl"], rows))
         factors = cfg.get("long_lr_factors") or [1.0]
+        tried: dict[str, list[float]] = {}
+        for r in long.values():
+            tried.setdefault(r["contender"], []).append(r.get("lr_factor", 1.0))
+        at_edge = [x for x in selected if len(tried[long[x]["contender"]]) > 1
+                   and long[x].get("lr_factor", 1.0) in (min(tried[long[x]["contender"]]), max(tried[long[x]["contender"]]))]
         out += ["", "Dev and whole-file test perplexity once per epoch (cosine schedule over all epochs). Learning "
                 "rates: the 100-step sweep's choice" + (" and a third of it (a longer horizon prefers smaller ones)"
-                                                          if len(factors) > 1 else "") + ". "
+                                                          if len(factors) > 1 else "")
+                + ("; where the dev-best run was at an edge of those, one more ×3 step beyond it"
+                   if cfg.get("long_extend_edges") else "") + ". "
                 "**✓** = per contender, the run with the best dev perplexity; *test ppl there* (test at that "
                 "run's best-dev epoch, i.e. early stopping on dev) is the long-horizon comparison in the Summary. "
                 "Best test ppl is shown for the over-fitting picture only; nothing is chosen by it."
-                + (f" {n_low} of {len(selected)} contenders preferred the smallest rate tried, so a smaller one still "
-                   "might do better there (not run)." if (n_low := sum(long[x].get("lr_factor", 1.0) == min(factors)
-                                                                        for x in selected)) and len(factors) > 1
-                   else ""),
+                + (f" Still at an edge of the rates tried for that contender (a rate beyond it might do better; "
+                   f"not run): {', '.join(sorted(at_edge))}." if at_edge else ""),
                 "", f"![wt2 over-fitting]({plots.get('wt2_overfitting', '')})", ""]
     elif cfg.get("long_contenders"):
         out += ["", "Over-fitting runs: **missing** (not finished).", ""]

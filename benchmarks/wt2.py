@@ -66,7 +66,9 @@ SAM_VARIANTS = (("k=5, ρ=0.03", "k=5,rho=0.03"), ("k=5, ρ=0.3", "k=5,rho=0.3")
 
 def long_key(contender: str, factor: float) -> str:
     """Row name of a long run: the contender, plus the lr factor when it is not the sweep's lr."""
-    return contender if factor == 1 else f"{contender} (lr/{1 / factor:.3g})"
+    if factor == 1:
+        return contender
+    return f"{contender} (lr/{1 / factor:.3g})" if factor < 1 else f"{contender} (lr×{factor:.3g})"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class WT2Setting:
     #: the long runs' learning rates: the sweep's choice × each factor (the 100-step sweep favours
     #: larger rates than several epochs want; the long-horizon comparison picks among them on dev)
     long_lr_factors: tuple[float, ...] = (1.0,)
+    #: when the dev-best long run of a contender is at an edge of its factors, add one ×3 step beyond
+    #: it, up to this many times (the sweep's rule)
+    long_extend_edges: int = 0
     #: ARS2-Neo variants (label, optim_args) run at the Lazy k=5 row's lr and the comparison budget
     sam_variants: tuple[tuple[str, str], ...] = ()
     seed: int = 0
@@ -103,7 +108,7 @@ SETTINGS = {
                        test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=2,
                        long_contenders=("adamw", "muon", "ada_rmsuon (reference)", "ada_rmsuon (rms)",
                                         "ars (k=1)", "ars2_neo (Lazy k=5)"),
-                       long_epochs=8, long_lr_factors=(1.0, 1 / 3), extend_edges=2,
+                       long_epochs=8, long_lr_factors=(1.0, 1 / 3), long_extend_edges=1, extend_edges=2,
                        sam_variants=SAM_VARIANTS),
 }
 
@@ -329,14 +334,18 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
                 f"sam-{args}", SAM_BASE, chosen[SAM_BASE], cfg.seed, cfg, data, steps=cfg.main_steps,
                 eval_every=cfg.eval_every, eval_test=True, final_full_test=cfg.final_full_test, optim_args=args)
             contender_of[label] = (SAM_BASE, 1.0)
+    def add_long(c: str, factor: float) -> common.Unit:  # once per epoch, on the whole test file
+        lr = chosen[c] if factor == 1 else _r(chosen[c] * factor)  # the sweep's value exactly (cache key)
+        u = _unit("long", c, lr, cfg.seed, cfg, data, steps=0, eval_every=spe,
+                  eval_test=True, final_full_test=False, epochs=float(cfg.long_epochs))
+        u.kwargs["test_subset"] = 0
+        units3[("long", long_key(c, factor), cfg.seed)] = u
+        contender_of[long_key(c, factor)] = (c, factor)
+        return u
+
     for c in cfg.long_contenders:
-        for factor in cfg.long_lr_factors if c in chosen else ():  # once per epoch, on the whole test file
-            lr = chosen[c] if factor == 1 else _r(chosen[c] * factor)  # the sweep's value exactly (cache key)
-            u = _unit("long", c, lr, cfg.seed, cfg, data, steps=0, eval_every=spe,
-                      eval_test=True, final_full_test=False, epochs=float(cfg.long_epochs))
-            u.kwargs["test_subset"] = 0
-            units3[("long", long_key(c, factor), cfg.seed)] = u
-            contender_of[long_key(c, factor)] = (c, factor)
+        for factor in cfg.long_lr_factors if c in chosen else ():
+            add_long(c, factor)
 
     def update3(done: dict[str, dict[str, Any]]) -> None:
         def rows_of(kind: str) -> dict[str, dict[str, Any]]:
@@ -356,6 +365,22 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
         done = common.run_units([u for _, u in order3], cache, workers, "wt2 seeds+long", resume,
                                 on_update=update3)
         update3(done)
+        for _ in range(cfg.long_extend_edges):  # the dev-best long run at an edge: one ×3 step beyond it
+            factors: dict[str, list[float]] = {}
+            for kind, name, _ in units3:
+                if kind == "long":
+                    factors.setdefault(contender_of[name][0], []).append(contender_of[name][1])
+            picked = summarize(result, cfg)["long_selected"]
+            new = []
+            for c, fs in factors.items():
+                f_best = contender_of[picked[c]][1] if c in picked else None
+                if f_best is not None and len(fs) > 1 and f_best in (min(fs), max(fs)):
+                    new.append(add_long(c, f_best / 3 if f_best == min(fs) else f_best * 3))
+            if not new:
+                break
+            done = {**done, **common.run_units(new, cache, workers, "wt2 long (edge)", resume,
+                                               on_update=lambda d, prev=done: update3({**prev, **d}))}
+            update3(done)
     result["partial"] = bool(result["missing"])
     save()
     for c, s in result["summary"]["rows"].items():

@@ -245,7 +245,7 @@ def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
     monkeypatch.setitem(wt2.SETTINGS, "fake", wt2.WT2Setting(
         ("adamw", "muon", "ars2_neo (Lazy k=5)", "ars (k=1)"), (1 / 3, 1, 3), sweep_steps=100, main_steps=400,
         eval_every=100, test_subset=256, final_full_test=True, extra_seeds=(1,), top_rows=1,
-        long_contenders=("adamw",), long_epochs=4, extend_edges=2, long_lr_factors=(1.0, 1 / 3),
+        long_contenders=("adamw",), long_epochs=4, extend_edges=2, long_lr_factors=(1.0, 1 / 3), long_extend_edges=1,
         sam_variants=(("k=5, ρ=0.3", "k=5,rho=0.3"),)))
     data = tmp_path / "wt2"
     data.mkdir()
@@ -272,6 +272,9 @@ def test_wt2_protocol_with_a_fake_trainer(monkeypatch, tmp_path):
     assert all(kw["test_subset"] == 0 for desc, key, kw in ran if "long" in key)  # whole test file per epoch
     # the lr/3 run has the better test but the worse dev ppl: the long-horizon pick follows dev
     assert r["summary"]["long_selected"] == {"adamw": "adamw"}
+    # the dev-best long run sits at the top of {lr/3, lr}: one more run at 3·lr, which dev rejects again
+    assert r["long"]["adamw (lr×3)"]["lr"] == pytest.approx(3 * r["chosen_lr"]["adamw"])
+    assert len(r["long"]) == 3
     variant = [kw for desc, key, kw in ran if "-sam-" in key]
     assert [(kw["optim"], kw["optim_args"], kw["lr"], kw["max_steps"]) for kw in variant] == [
         ("ars2_neo", "k=5,rho=0.3", r["chosen_lr"]["ars2_neo (Lazy k=5)"], 400)]
