@@ -268,7 +268,8 @@ def plot_wt2(wt2: dict[str, Any], out: Path) -> list[Path]:
         colors = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r.get("contender", n) for n, r in long.items()))}
         for name, r in long.items():
             color = colors[r.get("contender", name)]
-            ls = "-" if r.get("lr_factor", 1.0) == 1 else "--"
+            factor = r.get("lr_factor", 1.0)  # solid: the sweep's lr; dashed/dotted: smaller; dash-dot: larger
+            ls = "-" if factor == 1 else "-." if factor > 1 else "--" if factor > 0.2 else ":"
             label = f"{name} (lr {r['lr']:.2g})"
             for ax, split in zip(axes, ("test", "dev")):
                 pts = r["curves"][split]
@@ -489,7 +490,7 @@ def verdicts(data: dict[str, Any]) -> tuple[list[str], list[str]]:
         recs.append("- Learning rates, WT2 (chosen on the held-out dev slice) / grokking (chosen by epochs to 99%): "
                     + "; ".join(lines) + ". The recipes' defaults when `--learning_rate` is not given "
                     "(`recipes/_common.py`: " + recipe_lrs() + ") are more conservative than some of these "
-                    "100-step choices; the long runs' lr/3 rows show what a multi-epoch budget prefers"
+                    "100-step choices; the long runs' smaller-lr rows show what a multi-epoch budget prefers"
                     + (f"; still at the top of the (extended) WT2 grid: {', '.join(edges)}" if edges else "") + ".")
     if rows.get("ada_rmsuon (reference)") and rows.get("ada_rmsuon (rms)"):
         ref, rms = rows["ada_rmsuon (reference)"], rows["ada_rmsuon (rms)"]
