@@ -15,8 +15,8 @@ cost). Cosine schedule with 5% warm-up, the recipe's per-optimizer weight decay/
 budgets for every contender. Phases: (1) lr sweep on dev, one seed; (2) every contender at its lr;
 (3) a second seed for AdamW and the best family rows (ranked on dev); ARS2-Neo's ρ and k varied
 one at a time around its defaults at the comparison budget (chosen on dev); long runs (several
-epochs, two learning rates each: the sweep's choice and a third of it) that show over-fitting, with
-early stopping on dev as the long-horizon comparison.
+epochs, at the sweep's learning rate and a third of it, plus one ×3 step past an edge like the sweep)
+that show over-fitting, with early stopping on dev as the long-horizon comparison.
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ LR_FROM = {
 SAM_BASE = "ars2_neo (Lazy k=5)"
 SAM_VARIANTS = (("k=5, ρ=0.03", "k=5,rho=0.03"), ("k=5, ρ=0.3", "k=5,rho=0.3"),
                 ("k=2, ρ=0.1", "k=2"), ("k=10, ρ=0.1", "k=10"))
+
+
+def step_beyond_edge(best: float, tried: list[float]) -> float | None:
+    """One ×3 step past ``best`` when it is the largest or smallest of ``tried`` (≥ 2 values), else None."""
+    if len(tried) < 2 or best not in (min(tried), max(tried)):
+        return None
+    return best * 3 if best == max(tried) else best / 3
 
 
 def long_key(contender: str, factor: float) -> str:
@@ -281,8 +288,8 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
         new = {}
         for c in swept:
             lr = best_lr(c)
-            if lr is not None and len(grid[c]) > 1 and lr in (min(grid[c]), max(grid[c])):
-                nxt = lr * 3 if lr == max(grid[c]) else lr / 3
+            nxt = step_beyond_edge(lr, grid[c]) if lr is not None else None
+            if nxt is not None:
                 grid[c] = sorted([*grid[c], nxt])
                 new[(c, nxt)] = _unit("sweep", c, nxt, cfg.seed, cfg, data, steps=cfg.sweep_steps,
                                       eval_every=cfg.sweep_steps, eval_test=False, final_full_test=False)
@@ -373,9 +380,9 @@ def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers:
             picked = summarize(result, cfg)["long_selected"]
             new = []
             for c, fs in factors.items():
-                f_best = contender_of[picked[c]][1] if c in picked else None
-                if f_best is not None and len(fs) > 1 and f_best in (min(fs), max(fs)):
-                    new.append(add_long(c, f_best / 3 if f_best == min(fs) else f_best * 3))
+                nxt = step_beyond_edge(contender_of[picked[c]][1], fs) if c in picked else None
+                if nxt is not None:
+                    new.append(add_long(c, nxt))
             if not new:
                 break
             done = {**done, **common.run_units(new, cache, workers, "wt2 long (edge)", resume,
