@@ -104,6 +104,14 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
 
 
+def at_edge(value: float, tried: Sequence[float]) -> int:
+    """+1 if ``value`` is the largest of ``tried``, -1 if the smallest, else 0 (also with < 2 values):
+    a best choice at an edge of what was tried may be beaten by a value beyond it."""
+    if len(set(tried)) < 2:
+        return 0
+    return 1 if value == max(tried) else -1 if value == min(tried) else 0
+
+
 def _command() -> str | None:
     if not sys.argv or not sys.argv[0]:
         return None

@@ -69,12 +69,9 @@ LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 def beyond(lr: float, grid: list[float]) -> float | None:
     """The ladder value past ``lr`` when ``lr`` is the top (or bottom) of ``grid``."""
-    i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr)))
-    if lr == max(grid) and i + 1 < len(LADDER):
-        return LADDER[i + 1]
-    if lr == min(grid) and i > 0:
-        return LADDER[i - 1]
-    return None
+    side = common.at_edge(lr, grid)
+    j = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr))) + side
+    return LADDER[j] if side and 0 <= j < len(LADDER) else None
 
 
 SETTINGS = {

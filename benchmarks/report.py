@@ -89,9 +89,7 @@ def finite(x: float | None) -> float:
 
 
 def edge(lr: float | None, grid: list[float]) -> str:
-    if lr is None or len(grid) < 2:
-        return ""
-    return " *(edge)*" if lr in (min(grid), max(grid)) else ""
+    return " *(edge)*" if lr is not None and common.at_edge(lr, grid) else ""
 
 
 def rel(path: Path, base: Path) -> str:
@@ -315,7 +313,7 @@ def long_selected(wt2: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per contender, the long run chosen on dev (its best-dev epoch is where early stopping stops)."""
     summary = wt2.get("summary", {})
     long = summary.get("long", {})
-    chosen = summary.get("long_selected") or {r.get("contender", n): n for n, r in long.items()}
+    chosen = summary.get("long_selected", {})
     return {c: long[n] for c, n in chosen.items() if n in long}
 
 
@@ -336,21 +334,26 @@ def long_ratio(wt2: dict[str, Any]) -> str:
 def sam_grid(wt2: dict[str, Any]) -> list[dict[str, Any]]:
     """ARS2-Neo settings compared at the comparison budget: the two SAM rows of the main table and the
     ρ/k variants, each as {k, rho, dev, test, sync, seconds, name}."""
+    from hf_rmsuon.registry import hyperparameter_schema, parse_optim_args
+
+    from .wt2 import CONTENDERS, SAM_BASE
+
     rows = wt2.get("summary", {}).get("rows", {})
     out = []
 
-    def opts(args: str) -> dict[str, float]:
-        kv = dict(x.split("=", 1) for x in args.split(",") if x)
-        return {"k": int(kv.get("k", 1)), "rho": float(kv.get("rho", 0.1))}
+    def opts(name: str, args: str) -> dict[str, float]:  # k and ρ as the optimizer reads its --optim_args
+        optim = CONTENDERS[name][0]
+        values = {**hyperparameter_schema(optim).defaults(), **parse_optim_args(optim, args)}
+        return {"k": values["k"], "rho": values["rho"]}
 
     for name in ("ars (k=1)", "ars2_neo (Lazy k=5)"):
         r = rows.get(name)
         if r and not r.get("error"):
             args = wt2["contenders"][name]["optim_args"]
-            out.append({"name": name, **opts(args), "dev": r["final_dev_ppl"], "test": r["final_test_ppl"],
+            out.append({"name": name, **opts(name, args), "dev": r["final_dev_ppl"], "test": r["final_test_ppl"],
                         "sync": r.get("sync_ratio"), "seconds": r.get("train_seconds"), "lr": r["lr"]})
     for name, r in wt2.get("summary", {}).get("sam_variants", {}).items():
-        out.append({"name": f"ars2_neo ({name})", **opts(r["optim_args"]), "dev": r["final_dev_ppl"],
+        out.append({"name": f"ars2_neo ({name})", **opts(SAM_BASE, r["optim_args"]), "dev": r["final_dev_ppl"],
                     "test": r["final_test_ppl"], "sync": r.get("sync_ratio"), "seconds": r.get("train_seconds"),
                     "lr": r["lr"]})
     return out
@@ -789,8 +792,7 @@ def wt2_section(wt2: dict[str, Any], plots: dict[str, str]) -> list[str]:
         tried: dict[str, list[float]] = {}
         for r in long.values():
             tried.setdefault(r["contender"], []).append(r.get("lr_factor", 1.0))
-        at_edge = [x for x in selected if len(tried[long[x]["contender"]]) > 1
-                   and long[x].get("lr_factor", 1.0) in (min(tried[long[x]["contender"]]), max(tried[long[x]["contender"]]))]
+        at_edge = [x for x in selected if common.at_edge(long[x].get("lr_factor", 1.0), tried[long[x]["contender"]])]
         out += ["", "Dev and whole-file test perplexity once per epoch (cosine schedule over all epochs). Learning "
                 "rates: the 100-step sweep's choice" + (" and a third of it (a longer horizon prefers smaller ones)"
                                                           if len(factors) > 1 else "")

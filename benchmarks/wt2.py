@@ -66,9 +66,8 @@ SAM_VARIANTS = (("k=5, ρ=0.03", "k=5,rho=0.03"), ("k=5, ρ=0.3", "k=5,rho=0.3")
 
 def step_beyond_edge(best: float, tried: list[float]) -> float | None:
     """One ×3 step past ``best`` when it is the largest or smallest of ``tried`` (≥ 2 values), else None."""
-    if len(tried) < 2 or best not in (min(tried), max(tried)):
-        return None
-    return best * 3 if best == max(tried) else best / 3
+    side = common.at_edge(best, tried)
+    return None if not side else best * 3 if side > 0 else best / 3
 
 
 def long_key(contender: str, factor: float) -> str:
