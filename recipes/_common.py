@@ -4,10 +4,13 @@
   reached and nothing local was given — the WikiText-2 excerpt shipped in ``recipes/data`` with a
   loud smoke-run notice;
 * a byte-level BPE tokenizer trained with ``tokenizers`` and cached on disk by a hash of its data;
-* the two data modes: *line* (lines packed greedily into sequences ≤ context, padded, padding
-  excluded from the loss) and *chunk* (one token stream cut into exact context-length blocks);
+* the data modes: *line* (lines packed greedily into sequences ≤ context, padded, padding
+  excluded from the loss), *chunk* (one token stream cut into exact context-length blocks) and
+  *sentence* (the family's research code's WikiText-2 mode: the text split on '.', sentences sorted
+  longest first, those over 256 tokens dropped, padded — see :func:`sentence_sequences`);
+* the research code's *padding in the loss* as an explicit, off-by-default switch (``--pad_in_loss``);
 * perplexity over real tokens, computed inside the Trainer's evaluation loop (exact under
-  multi-process evaluation);
+  multi-process evaluation), and — for padded data — also with the padding targets counted;
 * Trainer callbacks and the end-of-run summary.
 """
 
@@ -39,7 +42,9 @@ RECIPES_DIR = Path(__file__).resolve().parent
 EXCERPT_TRAIN = RECIPES_DIR / "data" / "wikitext2-excerpt.train.txt"
 EXCERPT_VALIDATION = RECIPES_DIR / "data" / "wikitext2-excerpt.validation.txt"
 DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1")
-DATA_MODES = ("line", "chunk")
+DATA_MODES = ("line", "chunk", "sentence")
+#: sentence mode: longest sentence kept, in tokens (the research code's cut)
+SENTENCE_MAX_TOKENS = 256
 IGNORE_INDEX = -100
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -87,8 +92,22 @@ class DataArguments:
     data_mode: str = field(
         default="line",
         metadata={"help": "line: lines packed greedily into sequences <= context, padded, padding "
-                          "excluded from the loss; chunk: one token stream cut into exact context blocks.",
+                          "excluded from the loss; chunk: one token stream cut into exact context blocks; "
+                          "sentence: the family's research code's mode (text split on '.', sentences sorted "
+                          "longest first, those over --sentence_max_tokens dropped, one padded sentence per "
+                          "sequence).",
                   "choices": list(DATA_MODES)},
+    )
+    sentence_max_tokens: int = field(
+        default=SENTENCE_MAX_TOKENS,
+        metadata={"help": "Sentence mode: drop sentences longer than this many tokens (research code: 256)."},
+    )
+    pad_in_loss: bool = field(
+        default=False,
+        metadata={"help": "COUNT PADDING IN THE LOSS (off by default). The research code's sentence mode "
+                          "trains and evaluates on the padding targets too (~7%% of its target positions), "
+                          "which lowers its perplexities: they are then not comparable with real-token ones. "
+                          "The summary reports perplexity both with and without padding either way."},
     )
     context_length: int | None = field(default=None, metadata={"help": "Tokens per sequence (default: preset)."})
     max_train_lines: int | None = field(default=None, metadata={"help": "Use only the first N training lines."})
@@ -130,7 +149,7 @@ def smoke_run_notice(reason: str) -> str:
 
 def peek_option(argv: Sequence[str] | None, option: str, default: str, choices: Sequence[str] | None = None) -> str:
     """The value of ``--option`` in ``argv`` ahead of the full parse (it chooses other defaults)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--optim" must not match "--optim_args"
     pre.add_argument(option, default=default, choices=choices)
     known, _ = pre.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
     return getattr(known, option.lstrip("-"))
@@ -386,10 +405,52 @@ def chunk_tokens(token_lines: Iterable[Sequence[int]], context: int, eos_id: int
     return [stream[i:i + context] for i in range(0, len(stream) - context + 1, context)]
 
 
+def split_sentences(lines: Iterable[str]) -> list[str]:
+    """*Sentence* mode, step 1: the whole text (lines joined by a space) split on '.'; each piece
+    keeps its period, is stripped, and empty pieces are dropped. (Lines without a period — WikiText
+    headings — run into the next sentence, as they do when the text is split on '.'.)"""
+    text = " ".join(line.strip() for line in lines)
+    pieces = text.split(".")
+    sentences = [piece + "." for piece in pieces[:-1]] + [pieces[-1]] if pieces else []
+    return [s for s in (p.strip() for p in sentences) if s and s != "."]
+
+
+@dataclass
+class SentenceStats:
+    """What sentence mode kept and dropped (for the run's log and summary)."""
+
+    sentences: int
+    kept: int
+    dropped_too_long: int
+    max_tokens: int
+
+    def describe(self) -> str:
+        return (f"{self.sentences} sentences, {self.dropped_too_long} longer than {self.max_tokens} tokens dropped, "
+                f"{self.kept} kept (sorted longest first)")
+
+
+def sentence_sequences(token_sentences: Sequence[Sequence[int]], max_tokens: int = SENTENCE_MAX_TOKENS
+                       ) -> tuple[list[list[int]], SentenceStats]:
+    """*Sentence* mode, step 2 — the family's research code's WikiText-2 mode: one sentence per
+    sequence (its tokens only, no EOS added), sentences longer than ``max_tokens`` dropped, empty
+    ones dropped, the rest sorted by token length, longest first (ties keep text order). Batches are
+    then padded to their longest sentence by the collator. Deterministic."""
+    if max_tokens < 2:
+        raise RecipeError("--sentence_max_tokens must be >= 2")
+    kept = [list(ids) for ids in token_sentences if 0 < len(ids) <= max_tokens]
+    too_long = sum(1 for ids in token_sentences if len(ids) > max_tokens)
+    kept.sort(key=len, reverse=True)  # stable: equal lengths keep their order in the text
+    return kept, SentenceStats(len(token_sentences), len(kept), too_long, max_tokens)
+
+
 def build_sequences(token_lines: list[list[int]], mode: str, context: int, eos_id: int, split: str) -> list[list[int]]:
     if mode not in DATA_MODES:
         raise RecipeError(f"--data_mode must be one of {list(DATA_MODES)}, not {mode!r}")
-    seqs = pack_lines(token_lines, context, eos_id) if mode == "line" else chunk_tokens(token_lines, context, eos_id)
+    if mode == "sentence":
+        seqs = sentence_sequences(token_lines, context)[0]
+    else:
+        seqs = (pack_lines(token_lines, context, eos_id) if mode == "line"
+                else chunk_tokens(token_lines, context, eos_id))
     if not seqs:
         n = sum(len(t) + 1 for t in token_lines)
         raise RecipeError(f"the {split} split has {n} tokens, fewer than one {context}-token chunk; "
@@ -417,9 +478,13 @@ class SequenceDataset(torch.utils.data.Dataset):
 class CausalLMCollator:
     """Right-pads a batch to its longest sequence: ``attention_mask`` 0 and ``labels`` -100 at the
     padding, so padded positions never reach the loss. (Labels are not shifted here; the model
-    shifts them.) Chunk-mode batches have equal lengths and get no padding."""
+    shifts them.) Chunk-mode batches have equal lengths and get no padding.
+
+    ``pad_in_loss=True`` (the research code's sentence mode; off by default): the padding keeps its
+    pad-token label, so the padding targets are trained on and counted in the loss."""
 
     pad_token_id: int
+    pad_in_loss: bool = False
 
     def __call__(self, samples: list[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         longest = max(len(s["input_ids"]) for s in samples)
@@ -429,7 +494,7 @@ class CausalLMCollator:
             ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labels = input_ids.clone() if self.pad_in_loss else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -440,18 +505,47 @@ class LMData:
     collator: CausalLMCollator
     context: int
     mode: str
+    #: sentence mode: {"train": SentenceStats, "validation": SentenceStats}
+    sentence_stats: dict[str, SentenceStats] = field(default_factory=dict)
 
 
-def build_lm_data(tokenizer: PreTrainedTokenizerBase, splits: TextSplits, mode: str, context: int) -> LMData:
-    """Tokenize both splits and turn them into training sequences in ``mode``."""
+def build_lm_data(tokenizer: PreTrainedTokenizerBase, splits: TextSplits, mode: str, context: int,
+                  pad_in_loss: bool = False) -> LMData:
+    """Tokenize both splits and turn them into training sequences in ``mode``.
+
+    Sentence mode: ``context`` is the longest sentence kept (``--sentence_max_tokens``); the splits
+    are first cut into sentences (:func:`split_sentences`). ``pad_in_loss``: see :class:`CausalLMCollator`."""
     if tokenizer.eos_token_id is None:
         raise RecipeError("the tokenizer has no EOS token (needed to separate lines)")
     ensure_pad_token(tokenizer)
     eos = tokenizer.eos_token_id
-    train = build_sequences(tokenize_lines(tokenizer, splits.train), mode, context, eos, "training")
-    validation = build_sequences(tokenize_lines(tokenizer, splits.validation), mode, context, eos, "validation")
-    return LMData(SequenceDataset(train), SequenceDataset(validation), CausalLMCollator(tokenizer.pad_token_id),
-                  context, mode)
+    if pad_in_loss and tokenizer.pad_token_id == eos:
+        raise RecipeError("--pad_in_loss needs a pad token distinct from EOS (padding would be indistinguishable "
+                          "from real end-of-text targets)")
+    stats: dict[str, SentenceStats] = {}
+    seqs = {}
+    for split, lines in (("training", splits.train), ("validation", splits.validation)):
+        if mode == "sentence":
+            seqs[split], stats[split] = sentence_sequences(tokenize_lines(tokenizer, split_sentences(lines)), context)
+            if not seqs[split]:
+                raise RecipeError(f"sentence mode: no sentence of the {split} split has 1..{context} tokens")
+        else:
+            seqs[split] = build_sequences(tokenize_lines(tokenizer, lines), mode, context, eos, split)
+    return LMData(SequenceDataset(seqs["training"]), SequenceDataset(seqs["validation"]),
+                  CausalLMCollator(tokenizer.pad_token_id, pad_in_loss), context, mode,
+                  {"train": stats["training"], "validation": stats["validation"]} if stats else {})
+
+
+def padding_fraction(sequences: Sequence[Sequence[int]], batch_size: int) -> float:
+    """Share of next-token target positions that are padding when ``sequences`` are batched in this
+    order, ``batch_size`` at a time, each batch right-padded to its longest (targets: positions 1..L-1)."""
+    pad = total = 0
+    for start in range(0, len(sequences), batch_size):
+        lengths = [len(s) for s in sequences[start:start + batch_size]]
+        longest = max(lengths)
+        total += len(lengths) * (longest - 1)
+        pad += sum(longest - n for n in lengths)
+    return pad / max(total, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,6 +563,39 @@ def token_nll_stats(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     return torch.stack([nll.sum(dim=1), counts.to(nll.dtype)], dim=1)
+
+
+def padded_token_nll_stats(pad_token_id: int) -> Callable[[torch.Tensor | tuple, torch.Tensor], torch.Tensor]:
+    """``preprocess_logits_for_metrics`` for padded data: per sequence ``[NLL of real targets, real
+    targets, NLL of padding targets, padding targets]``. Padding targets are the positions labelled
+    -100 or ``pad_token_id`` (so this works whether or not ``--pad_in_loss`` is on); their target is
+    the pad token."""
+
+    def stats(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = labels[:, 1:]
+        pad = (shift_labels == IGNORE_INDEX) | (shift_labels == pad_token_id)
+        targets = shift_labels.masked_fill(pad, pad_token_id)
+        nll = F.cross_entropy(shift_logits.transpose(1, 2), targets, reduction="none")
+        real = (~pad).to(nll.dtype)
+        return torch.stack([(nll * real).sum(1), real.sum(1), (nll * (1 - real)).sum(1), (1 - real).sum(1)], dim=1)
+
+    return stats
+
+
+def padded_perplexity_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for :func:`padded_token_nll_stats`: ``perplexity`` over real tokens (as
+    :func:`perplexity_metrics`), ``perplexity_with_padding`` with the padding targets counted too (the
+    research code's number when it trains with padding in the loss), and ``padding_fraction``."""
+    stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 4)
+    nll, tokens, pad_nll, pads = (float(stats[:, i].sum()) for i in range(4))
+    loss = nll / max(tokens, 1.0)
+    loss_pad = (nll + pad_nll) / max(tokens + pads, 1.0)
+    return {"token_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens,
+            "loss_with_padding": loss_pad, "perplexity_with_padding": math.exp(min(loss_pad, 700.0)),
+            "padding_fraction": pads / max(tokens + pads, 1.0)}
 
 
 def perplexity_metrics(eval_pred: Any) -> dict[str, float]:

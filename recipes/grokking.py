@@ -6,11 +6,20 @@ is the three tokens ``a b =``, the answer is read at ``=``. Model: one transform
 128, 4 heads, d_mlp 512, ReLU, no LayerNorm). Batch 512, lr 1e-3, betas (0.9, 0.98), weight
 decay 1.0. Every family optimizer (``--optim ars2_neo``, via ``hf_rmsuon.create_optimizer``) and
 the ``--optim adamw`` baseline (``torch.optim.AdamW``), in a plain PyTorch loop: sharpness-aware
-members get the closure they need. Reports, per seed, the first epoch with test accuracy ≥ 50%,
-90% and 99%, and writes every curve to ``<output_dir>/grokking-<optim>.json``.
+members get the closure they need. Reports, per seed, the first epoch with test accuracy ≥ 10%
+(the onset of grokking), 50%, 90% and 99%, and writes every curve to
+``<output_dir>/grokking-<optim>.json``.
+
+``--protocol reference`` is the family's research code's setting: a per-head model
+(:class:`PerHeadTransformer`: 3-D Q/K/V weights of shape (heads, d_model, d_head), orthogonalized
+per head), the research code's routing — its shape rule, which puts the token embedding, the
+unembedding and the positional matrix on the *matrix* track — and an AdamW track with its own
+betas (0.9, 0.999) and weight decay 0.01 (``adamw_betas``/``adamw_weight_decay``); the matrix track
+keeps the lr, betas and weight decay given here. The AdamW baseline trains the same model.
 
     python recipes/grokking.py --optim ars2_neo --seeds 0 1 2 --epochs 500
     python recipes/grokking.py --optim adamw --seeds 0 1 2 --epochs 500
+    python recipes/grokking.py --protocol reference --optim ada_rmsuon --seeds 0 1
 
 Importable: ``from recipes.grokking import run_grokking`` (no dependency on the other recipes).
 """
@@ -33,8 +42,19 @@ from tqdm.auto import tqdm
 
 import hf_rmsuon
 
-THRESHOLDS = (0.5, 0.9, 0.99)
+#: test-accuracy thresholds reported; 0.1 is the onset of grokking (chance is 1/113)
+THRESHOLDS = (0.1, 0.5, 0.9, 0.99)
 BASELINE = "adamw"
+PROTOCOLS = ("default", "reference")
+#: ``--protocol reference``: the research code's routing and AdamW-track settings, as family options.
+#: Its shape rule (matrix track iff ndim >= 2 and every dim < 10000) puts W_E, W_pos and W_U on the
+#: matrix track; the per-head Q/K/V stacks are orthogonalized per head.
+REFERENCE_OPTIONS: dict[str, Any] = {
+    "matrix_patterns": [r"^W_(E|pos|U|Q|K|V)$"],
+    "stack_patterns": [r"^W_(Q|K|V)$"],
+    "adamw_betas": (0.9, 0.999),
+    "adamw_weight_decay": 0.01,
+}
 
 
 class OneBlockTransformer(nn.Module):
@@ -81,6 +101,57 @@ class OneBlockTransformer(nn.Module):
         h = last + self.o_proj(attn.reshape(batch, -1))
         h = h + self.mlp_out(F.relu(self.mlp_in(h)))
         return self.unembed(h)
+
+
+class PerHeadTransformer(nn.Module):
+    """The research code's model: the same function class as :class:`OneBlockTransformer` (one
+    attention layer and one ReLU MLP, both residual, no LayerNorm, logits at the ``=`` position) with
+    the research code's parameter layout — bare matrices ``W_E`` (vocab, d_model), ``W_pos``
+    (n_ctx, d_model), ``W_U`` (d_model, classes) and per-head 3-D ``W_Q``, ``W_K``, ``W_V`` of shape
+    (heads, d_model, d_head) — so that routing by shape treats them as the research code does."""
+
+    def __init__(self, vocab: int, n_classes: int, d_model: int = 128, n_heads: int = 4, d_mlp: int = 512,
+                 n_ctx: int = 3):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        scale = d_model ** -0.5
+        self.W_E = nn.Parameter(torch.randn(vocab, d_model) * scale)
+        self.W_pos = nn.Parameter(torch.randn(n_ctx, d_model) * scale)
+        self.W_Q = nn.Parameter(torch.randn(n_heads, d_model, self.d_head) * scale)
+        self.W_K = nn.Parameter(torch.randn(n_heads, d_model, self.d_head) * scale)
+        self.W_V = nn.Parameter(torch.randn(n_heads, d_model, self.d_head) * scale)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_in = nn.Linear(d_model, d_mlp)
+        self.mlp_out = nn.Linear(d_mlp, d_model)
+        self.W_U = nn.Parameter(torch.randn(d_model, n_classes) * scale)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits at the last position (only the last query is needed: one block, read at ``=``)."""
+        x = self.W_E[tokens] + self.W_pos[: tokens.shape[1]]  # (batch, ctx, d_model)
+        last = x[:, -1]
+        q = torch.einsum("bd,hde->bhe", last, self.W_Q)
+        k = torch.einsum("btd,hde->bhte", x, self.W_K)
+        v = torch.einsum("btd,hde->bhte", x, self.W_V)
+        weights = torch.softmax(torch.einsum("bhe,bhte->bht", q, k) / math.sqrt(self.d_head), dim=-1)
+        z = torch.einsum("bht,bhte->bhe", weights, v).reshape(len(tokens), -1)
+        h = last + self.o_proj(z)
+        h = h + self.mlp_out(F.relu(self.mlp_in(h)))
+        return h @ self.W_U
+
+
+def build_model(protocol: str, modulus: int, d_model: int, n_heads: int, d_mlp: int) -> nn.Module:
+    """The default protocol's :class:`OneBlockTransformer` or the reference protocol's :class:`PerHeadTransformer`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    cls = PerHeadTransformer if protocol == "reference" else OneBlockTransformer
+    return cls(modulus + 1, modulus, d_model, n_heads, d_mlp)
+
+
+def protocol_optim_args(protocol: str, optim_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``optim_args`` with the protocol's options added (given ones win)."""
+    return {**(REFERENCE_OPTIONS if protocol == "reference" else {}), **(optim_args or {})}
 
 
 def modular_addition_data(modulus: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -150,17 +221,21 @@ def run_grokking(
     device: str | torch.device | None = None,
     progress: bool = True,
     print_routing: bool = False,
+    protocol: str = "default",
 ) -> dict[str, Any]:
     """Train one seed; return its curves and the first epochs reaching each threshold.
 
     ``batch_size=0``: full batch. ``stop_at``: stop once test accuracy reaches it (e.g. 0.99).
-    Returns ``{"optim", "seed", "lr", "epochs_run", "epochs_to": {"0.5": e, "0.9": e, "0.99": e},
+    ``protocol="reference"``: the research code's model, routing and AdamW track (module doc).
+    Returns ``{"optim", "seed", "lr", "epochs_run", "epochs_to": {"0.1": e, "0.5": e, "0.9": e, "0.99": e},
     "final": {...}, "curves": {"train_loss", "train_acc", "test_loss", "test_acc"}, "seconds", "config"}``.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = (t.to(device) for t in modular_addition_data(modulus, train_fraction, seed))
-    model = OneBlockTransformer(modulus + 1, modulus, d_model, n_heads, d_mlp).to(device)
+    model = build_model(protocol, modulus, d_model, n_heads, d_mlp).to(device)
+    if optim != BASELINE:
+        optim_args = protocol_optim_args(protocol, optim_args)
     optimizer = build_optimizer(optim, model, lr, tuple(betas), weight_decay, optim_args)
     if print_routing and getattr(optimizer, "routing_report", None) is not None:
         print(f"[grokking] {optim} routing report:\n{optimizer.routing_report}", flush=True)
@@ -197,7 +272,7 @@ def run_grokking(
         "epochs_to": {str(t): first_epoch_reaching(curves["test_acc"], t) for t in THRESHOLDS},
         "final": {key: values[-1] for key, values in curves.items()},
         "curves": curves, "seconds": time.perf_counter() - start_time,
-        "config": {"modulus": modulus, "train_fraction": train_fraction, "n_train": len(train_y),
+        "config": {"protocol": protocol, "model": type(model).__name__, "modulus": modulus, "train_fraction": train_fraction, "n_train": len(train_y),
                    "n_test": len(test_y), "batch_size": batch, "weight_decay": weight_decay, "betas": list(betas),
                    "optim_args": dict(optim_args or {}), "d_model": d_model, "n_heads": n_heads, "d_mlp": d_mlp,
                    "epochs": epochs, "stop_at": stop_at, "device": str(device)},
@@ -205,8 +280,9 @@ def run_grokking(
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Per seed: epochs to 50/90/99% test accuracy and final accuracies; then the median over seeds."""
-    head = f"{'optim':<14} {'seed':>4} {'ep@50%':>7} {'ep@90%':>7} {'ep@99%':>7} {'train acc':>9} {'test acc':>8} {'time':>8}"
+    """Per seed: epochs to 10% (onset)/50/90/99% test accuracy and final accuracies; then the median over seeds."""
+    head = (f"{'optim':<14} {'seed':>4} {'ep@10%':>7} {'ep@50%':>7} {'ep@90%':>7} {'ep@99%':>7} {'train acc':>9} "
+            f"{'test acc':>8} {'time':>8}")
     lines = [head, "-" * len(head)]
 
     def cell(value: float | int | None) -> str:
@@ -214,16 +290,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         e = r["epochs_to"]
-        lines.append(f"{r['optim']:<14} {r['seed']:>4} {cell(e['0.5']):>7} {cell(e['0.9']):>7} {cell(e['0.99']):>7} "
+        lines.append(f"{r['optim']:<14} {r['seed']:>4} {cell(e.get('0.1')):>7} {cell(e['0.5']):>7} {cell(e['0.9']):>7} "
+                     f"{cell(e['0.99']):>7} "
                      f"{r['final']['train_acc']:>9.3f} {r['final']['test_acc']:>8.3f} {r['seconds']:>7.1f}s")
     if len(results) > 1:
         medians = []
         for t in THRESHOLDS:
-            reached = [r["epochs_to"][str(t)] for r in results]
+            reached = [r["epochs_to"].get(str(t)) for r in results]
             # a seed that never reached the threshold counts as +inf: the median is then "—" if half never did
             med = statistics.median([math.inf if v is None else v for v in reached])
             medians.append(None if math.isinf(med) else med)
-        lines.append(f"{'median':<14} {'':>4} {cell(medians[0]):>7} {cell(medians[1]):>7} {cell(medians[2]):>7}")
+        lines.append(f"{'median':<14} {'':>4} " + " ".join(f"{cell(m):>7}" for m in medians))
     return "\n".join(lines)
 
 
@@ -232,6 +309,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--optim", default="ars2_neo", choices=names, help="family member, or adamw (torch.optim.AdamW)")
     p.add_argument("--optim_args", default="", help='family hyperparameters, e.g. "rho=0.05,k=2"')
+    p.add_argument("--protocol", default="default", choices=PROTOCOLS,
+                   help="reference: the research code's per-head model, routing (embeddings, unembedding and "
+                        "positional matrix on the matrix track) and AdamW track (betas 0.9:0.999, wd 0.01)")
     p.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=1.0)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
@@ -258,13 +338,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.optim, args.lr, seed, args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
             betas=tuple(args.betas), optim_args=optim_args, modulus=args.modulus, train_fraction=args.train_fraction,
             stop_at=args.stop_at, device=args.device, progress=not args.no_progress, print_routing=i == 0,
+            protocol=args.protocol,
         ))
-    out = Path(args.output_dir) / f"grokking-{args.optim}.json"
+    out = Path(args.output_dir) / (f"grokking-{args.optim}.json" if args.protocol == "default"
+                                   else f"grokking-{args.protocol}-{args.optim}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"optim": args.optim, "optim_args": args.optim_args, "lr": args.lr, "seeds": args.seeds,
+    payload = {"optim": args.optim, "optim_args": args.optim_args, "protocol": args.protocol, "lr": args.lr,
+               "seeds": args.seeds,
                "thresholds": list(THRESHOLDS), "runs": results}
     out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    print(f"\n[grokking] (a + b) mod {args.modulus}, {args.train_fraction:.0%} train, {args.optim} lr {args.lr:g}, "
+    print(f"\n[grokking] protocol {args.protocol}: (a + b) mod {args.modulus}, {args.train_fraction:.0%} train, "
+          f"{args.optim} lr {args.lr:g}, "
           f"wd {args.weight_decay:g}, betas {tuple(args.betas)}, batch {args.batch_size or 'full'}, "
           f"{args.epochs} epochs\n{format_table(results)}\n[grokking] curves written to {out}", flush=True)
     return payload

@@ -5,6 +5,15 @@
     python recipes/wikitext2.py --preset cpu --optim ars2_neo --output_dir runs/demo  # = make demo
     accelerate launch recipes/wikitext2.py --optim rmsuon --optim_args "ns_steps=6" --bf16
     python recipes/wikitext2.py --train_file wiki.train.raw --validation_file wiki.valid.raw
+    python recipes/wikitext2.py --protocol reference --optim ars --optim_args "rho=0.1" --learning_rate 1e-4
+
+``--protocol reference`` runs the family's research code's WikiText-2 protocol instead of this
+recipe's (see :data:`PROTOCOLS`): the reference model size, *sentence* data mode (the text split on
+'.', sentences sorted longest first and kept in that order, those over 256 tokens dropped, padded),
+constant learning rate, no warm-up, no gradient clipping, and ``perturb_norm=per_tensor`` for the
+sharpness-aware members. The research code also counts the padding in the loss; that is a separate,
+off-by-default switch (``--pad_in_loss``) here, and in padded modes the summary reports perplexity
+both over real tokens and with the padding targets counted.
 
 Every ``TrainingArguments`` flag works (``--optim``, ``--optim_args``, ``--learning_rate``,
 ``--report_to``, ``--bf16``, ``--gradient_accumulation_steps``, ``--max_steps`` …); ``--optim``
@@ -66,11 +75,35 @@ PRESETS: dict[str, Preset] = {
 
 DEFAULT_OPTIM = "ars2_neo"
 
+#: ``--protocol``: TrainingArguments / data defaults (each can still be overridden on the command line).
+#: ``default``: this recipe's protocol (line mode, cosine schedule with 5% warm-up, the Trainer's
+#: gradient clipping at 1.0). ``reference``: the family's research code's WikiText-2 protocol.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "reference": {
+        "data_mode": "sentence",
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 0.0,  # no clipping
+        # the sorted (longest first) order is the training order: no shuffling
+        "train_sampling_strategy": "sequential",
+    },
+}
+#: ``--protocol reference``: added to ``--optim_args`` of the members that have the option (unless given)
+REFERENCE_OPTIM_ARGS = {"perturb_norm": "per_tensor"}
+
 
 @dataclass
 class ModelArguments:
     """Model size and tokenizer."""
 
+    protocol: str = field(
+        default="default",
+        metadata={"help": "default: this recipe's protocol; reference: the family's research code's WikiText-2 "
+                          "protocol (reference model, sentence mode, constant lr, no clipping, per-tensor "
+                          "perturbation norm). Explicit flags still win.",
+                  "choices": list(PROTOCOLS)},
+    )
     preset: str = field(
         default="reference",
         metadata={"help": "Model size and training defaults: reference (SPEC §7), cpu (make demo), tiny (tests).",
@@ -106,14 +139,42 @@ def training_defaults(preset_name: str, optim: str) -> dict[str, Any]:
     }
 
 
+def reference_optim_args(optim: str, optim_args: str | None) -> str:
+    """``optim_args`` with :data:`REFERENCE_OPTIM_ARGS` added for a member that has the option and
+    where it was not given."""
+    if optim not in hf_rmsuon.available_optimizers():
+        return optim_args or ""
+    from hf_rmsuon.optim.hparams import parse_optim_args_string
+
+    given = parse_optim_args_string(optim_args)
+    schema = hf_rmsuon.get_optimizer_class(optim).schema
+    extra = [f"{k}={v}" for k, v in REFERENCE_OPTIM_ARGS.items() if k in schema and k not in given]
+    return ",".join([a for a in [optim_args or ""] if a] + extra)
+
+
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, common.DataArguments, TrainingArguments]:
     hf_rmsuon.install()  # before TrainingArguments: makes --optim accept the family names
+    protocol = common.peek_option(argv, "--protocol", "default", list(PROTOCOLS))
     preset = common.peek_option(argv, "--preset", "reference", list(PRESETS))
     optim = common.peek_option(argv, "--optim", DEFAULT_OPTIM)
     parser = HfArgumentParser((ModelArguments, common.DataArguments, TrainingArguments))
-    parser.set_defaults(**training_defaults(preset, optim))
+    parser.set_defaults(**{**training_defaults(preset, optim), **PROTOCOLS[protocol]})
+    if protocol == "reference":  # before the parse: TrainingArguments checks optim_args in __post_init__
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        given = common.peek_option(argv, "--optim_args", "")
+        merged = reference_optim_args(optim, given)
+        if merged != given:
+            argv = [a for i, a in enumerate(argv) if not _is_option(argv, i, "--optim_args")] + ["--optim_args", merged]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.pad_in_loss and data_args.data_mode == "chunk":
+        raise common.RecipeError("--pad_in_loss: chunk mode has no padding (use --data_mode sentence or line)")
     return model_args, data_args, training_args
+
+
+def _is_option(argv: list[str], i: int, option: str) -> bool:
+    """Whether ``argv[i]`` is ``option``, its ``option=value`` form, or the value following ``option``."""
+    a = argv[i]
+    return a == option or a.startswith(option + "=") or (i > 0 and argv[i - 1] == option)
 
 
 def get_tokenizer(model_args: ModelArguments, splits: common.TextSplits, main: bool = True, rank: int = 0):
@@ -156,7 +217,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns the summary (also written to ``<output_dir>/summary.json``)."""
     model_args, data_args, training_args = parse_args(argv)
     main_proc = common.is_main_process(training_args)
-    context = data_args.context_length or PRESETS[model_args.preset].context_length
+    if data_args.data_mode == "sentence":
+        if data_args.context_length is not None:
+            raise common.RecipeError("sentence mode: the longest sentence is --sentence_max_tokens, not --context_length")
+        context = data_args.sentence_max_tokens
+    else:
+        context = data_args.context_length or PRESETS[model_args.preset].context_length
     set_seed(training_args.seed)
 
     # The main process loads the data and trains/caches the tokenizer first; the others then load
@@ -164,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with training_args.main_process_first(desc="data and tokenizer"):
         splits = common.load_text_splits(data_args, announce=main_proc)
         tokenizer = get_tokenizer(model_args, splits, main_proc, training_args.process_index)
-        data = common.build_lm_data(tokenizer, splits, data_args.data_mode, context)
+        data = common.build_lm_data(tokenizer, splits, data_args.data_mode, context, data_args.pad_in_loss)
 
     model = build_model(model_args, len(tokenizer), context, tokenizer)
     _, n_params = common.count_parameters(model)
@@ -172,14 +238,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{TAG}] data: {splits.source}; {data.mode} mode, context {context}: "
               f"{len(data.train)} training sequences ({data.train.num_tokens():,} tokens), "
               f"{len(data.validation)} validation sequences ({data.validation.num_tokens():,} tokens)", flush=True)
+        for split, stats in data.sentence_stats.items():
+            print(f"[{TAG}] sentence mode ({split}): {stats.describe()}", flush=True)
+        if data.mode != "chunk":
+            order = "in the sorted order" if training_args.train_sampling_strategy == "sequential" else "shuffled"
+            print(f"[{TAG}] padding: {common.padding_fraction(data.train.sequences, training_args.train_batch_size):.1%}"
+                  f" of the training target positions (batches {order}); padding "
+                  + ("IS COUNTED IN THE LOSS (--pad_in_loss; perplexities with padding are not comparable with "
+                     "real-token ones)" if data_args.pad_in_loss else "is excluded from the loss"), flush=True)
+        if model_args.protocol != "default":
+            schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+            print(f"[{TAG}] protocol {model_args.protocol}: {data.mode} mode, {schedule} lr, "
+                  f"warm-up {training_args.warmup_steps:g}, max_grad_norm {training_args.max_grad_norm:g}, "
+                  f"sampling {training_args.train_sampling_strategy}, optim_args {training_args.optim_args!r}",
+                  flush=True)
         print(f"[{TAG}] model: Qwen3, {n_params:,} parameters ({model.config.hidden_size} hidden, "
               f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads); "
               f"optimizer {common.optim_name(training_args)} lr {training_args.learning_rate:g}", flush=True)
 
+    padded_metrics = data.mode == "sentence" or data_args.pad_in_loss
     trainer = hf_rmsuon.RMSuonTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=data.collator, processing_class=tokenizer, compute_metrics=common.perplexity_metrics,
-        preprocess_logits_for_metrics=common.token_nll_stats, callbacks=[common.RoutingReportCallback()],
+        data_collator=data.collator, processing_class=tokenizer,
+        compute_metrics=common.padded_perplexity_metrics if padded_metrics else common.perplexity_metrics,
+        preprocess_logits_for_metrics=(common.padded_token_nll_stats(tokenizer.pad_token_id) if padded_metrics
+                                       else common.token_nll_stats),
+        callbacks=[common.RoutingReportCallback()],
     )
     clock = common.Stopwatch()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -195,15 +279,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_loss": train_result.training_loss, "eval_loss": metrics["eval_token_loss"],
         "eval_perplexity": metrics["eval_perplexity"], "eval_tokens": int(metrics["eval_tokens"]),
         "train_seconds": train_seconds, "world_size": training_args.world_size,
-        "model_arguments": asdict(model_args),
+        "model_arguments": asdict(model_args), "protocol": model_args.protocol, "pad_in_loss": data_args.pad_in_loss,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "max_grad_norm": training_args.max_grad_norm,
     }
+    if padded_metrics:
+        summary["eval_perplexity_with_padding"] = metrics["eval_perplexity_with_padding"]
+        summary["eval_padding_fraction"] = metrics["eval_padding_fraction"]
+    if data.sentence_stats:
+        summary["sentence_stats"] = {k: asdict(v) for k, v in data.sentence_stats.items()}
     if main_proc:
         common.write_json(Path(training_args.output_dir) / "summary.json", summary)
         print(common.format_summary(TAG, {
             "optim": summary["optim"], "preset": model_args.preset, "mode": data.mode,
             "data": splits.kind, "steps": summary["steps"],
             "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
-            "eval_ppl": summary["eval_perplexity"], "train_time_s": round(train_seconds, 1),
+            "eval_ppl": summary["eval_perplexity"],
+            **({"eval_ppl_with_padding": summary["eval_perplexity_with_padding"],
+                "pad_in_loss": data_args.pad_in_loss} if padded_metrics else {}),
+            "protocol": model_args.protocol, "train_time_s": round(train_seconds, 1),
             "output_dir": training_args.output_dir,
         }), flush=True)
     return summary
