@@ -28,7 +28,7 @@ FAMILY_GROK = ("muon", "muon (match_rms_adamw)", "rmsuon", "ada_rmsuon", "ars", 
 
 def load(paths: common.Paths) -> dict[str, Any]:
     data = {}
-    for name in ("cost", "grokking", "wt2"):
+    for name in ("cost", "grokking", "wt2", "reference"):
         path = paths.result(name)
         if path.is_file():
             data[name] = common.read_json(path)
@@ -893,6 +893,10 @@ def build(setting: str, paths: common.Paths) -> Path:
         lines += grokking_section(data["grokking"], plots)
     if "wt2" in data:
         lines += wt2_section(data["wt2"], plots)
+    if "reference" in data:  # benchmarks/reference.py: the research code's protocol
+        from .reference import section
+
+        lines += section(data["reference"])
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     common.log(f"report: {paths.report} ({len(files)} plots in {paths.plots})")
