@@ -1,8 +1,16 @@
 """Launcher: run an unmodified transformers training script with the family installed.
 
     python -m hf_rmsuon.run train.py --optim ars2_neo --optim_args "rho=0.05,k=2" ...
-    accelerate launch -m hf_rmsuon.run train.py ...
+    accelerate launch --multi_gpu --num_processes 2 -m hf_rmsuon.run train.py ...    # 2 GPUs (DDP)
     torchrun --nproc_per_node 2 -m hf_rmsuon.run train.py ...
+    accelerate launch --multi_gpu --num_processes 2 -m hf_rmsuon.run train.py ... --use_cpu  # CPU DDP
+
+On a machine without GPUs the script must also get --use_cpu (a TrainingArguments flag), or
+accelerate starts independent single-process runs instead of one DDP run.
+
+The optimizers, their recommended learning rates and every --optim_args key:
+    python -m hf_rmsuon list            # all members, one line each
+    python -m hf_rmsuon list ars2_neo   # one member: hyperparameters, defaults, --optim_args syntax
 """
 
 from __future__ import annotations

@@ -642,31 +642,16 @@ def optim_name(args: TrainingArguments) -> str:
     return str(getattr(args.optim, "value", args.optim))
 
 
-#: Learning rate the recipes use when ``--learning_rate`` is not given: the best of a sweep on the
-#: WikiText-2 CPU preset (WT2-offline: train wiki.valid, eval the first 1 500 lines of wiki.test;
-#: line mode, batch 8, 200 steps, cosine, 5% warmup, seed 42; eval perplexity per lr):
-#:   adamw_torch   1e-3: 304   3e-3: 247   1e-2: 311
-#:   muon          5e-3: 164   2e-2: 145   5e-2: 153
-#:   adamuon       1e-3: 351   3e-3: 226   1e-2: 183
-#:   rmsuon        1e-3: 269   3e-3: 186   1e-2: 179
-#:   ada_rmsuon    1e-4: 1200  3e-4: 463   1e-3: 281   3e-3: 206
-#:   ars2_neo      1e-4: 1209  3e-4: 468   1e-3: 281   3e-3: 209
-#: One seed and a short horizon (which favours large rates): a starting point, not a tuned value.
-#: ada_rmsuon-style updates ``E·O`` have norm ≈ E·√rank, so on wider matrices (the reference preset:
-#: 512 vs 128) expect a smaller best rate; the seeds' long runs used 1e-4. f_ada_rmsuon and ars
-#: share ada_rmsuon's update and take its rate; pure_ns_muon takes muon's.
-RECOMMENDED_LR: dict[str, float] = {
-    "adamw_torch": 3e-3,
-    "adamw_torch_fused": 3e-3,
-    "muon": 2e-2,
-    "pure_ns_muon": 2e-2,
-    "adamuon": 1e-2,
-    "rmsuon": 3e-3,
-    "ada_rmsuon": 3e-3,
-    "f_ada_rmsuon": 3e-3,
-    "ars": 3e-3,
-    "ars2_neo": 3e-3,
-}
+#: Learning rate the recipes use when ``--learning_rate`` is not given: each family member's
+#: recommended rate from the registry (``hf_rmsuon.registry.RECOMMENDED_LR``, where the sweep behind
+#: it is documented), and AdamW's best rate from the same sweep.
+def _recommended_lrs() -> dict[str, float]:
+    from hf_rmsuon.registry import RECOMMENDED_LR as FAMILY_LR
+
+    return {"adamw_torch": 3e-3, "adamw_torch_fused": 3e-3, **FAMILY_LR}
+
+
+RECOMMENDED_LR: dict[str, float] = _recommended_lrs()
 DEFAULT_LR = 1e-3  # any other optimizer
 
 

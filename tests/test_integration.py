@@ -82,8 +82,9 @@ def test_factory_applies_optim_args_only_for_its_own_name(tmp_path):
     args = training_args(tmp_path, optim="ars2_neo", optim_args="rho=0.05,k=2,betas=0.9:0.95")
     _, kwargs = optimizer_cls_and_kwargs("ars2_neo", args)
     assert kwargs["rho"] == 0.05 and kwargs["k"] == 2 and kwargs["betas"] == (0.9, 0.95)
-    _, other = optimizer_cls_and_kwargs("ars", args)
-    assert "rho" not in other and other["betas"] == (0.9, 0.999)
+    # optim_args written for another family member are refused, never silently dropped
+    with pytest.raises(ValueError, match="args.optim is 'ars2_neo'"):
+        optimizer_cls_and_kwargs("ars", args)
 
 
 def test_trainer_builds_family_optimizer_through_factory_protocol(tmp_path):

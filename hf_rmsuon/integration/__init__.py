@@ -1,7 +1,8 @@
 """transformers / Accelerate / PEFT integration (depends on the registry; nothing depends on it)."""
 
+from ..transformers_names import register_optimizer_names
 from .factory import FamilyOptimizerFactory, check_engine_supported, optimizer_cls_and_kwargs
-from .install import install, is_installed, register_optimizer_names
+from .install import install, is_installed
 from .sam_step import optimizer_diagnostics, sam_training_step, unwrap_optimizer
 from .trainer import RMSuonTrainer
 

@@ -1,14 +1,21 @@
-"""``RMSuonTrainer``: a ``transformers.Trainer`` for the family, without global hooks."""
+"""``RMSuonTrainer``: a ``transformers.Trainer`` for the family, without global hooks — and a mixin.
+
+Every method defers to ``super()``, so it composes with other Trainer subclasses in either order::
+
+    class MySFT(RMSuonTrainer, SFTTrainer): ...   # SAM replay runs through SFTTrainer.training_step
+    class MySFT(SFTTrainer, RMSuonTrainer): ...   # SFTTrainer's step wraps the whole SAM step
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from transformers import Trainer
 
-from .install import is_family_optim, original, register_optimizer_names, validate_training_arguments
-from .sam_step import optimizer_diagnostics, sam_training_step
+from ..transformers_names import register_optimizer_names
+from .factory import second_pass_provided
+from .install import is_family_optim, validate_training_arguments
+from .sam_step import log_with_diagnostics, sam_training_step
 
 register_optimizer_names()
 
@@ -25,11 +32,12 @@ class RMSuonTrainer(Trainer):
         if is_family_optim(self.args.optim) and self.optimizer_cls_and_kwargs is None:
             validate_training_arguments(self.args)  # fail now, not after data loading
 
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        with second_pass_provided():  # SAM members are welcome: this trainer runs the second pass
+            return super().create_optimizer(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        base = functools.partial(original(Trainer, "training_step"), self)
-        return sam_training_step(self, model, inputs, num_items_in_batch, base)
+        return sam_training_step(self, model, inputs, num_items_in_batch, super().training_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs.update(optimizer_diagnostics(self))
-        original(Trainer, "log")(self, logs, start_time)
+        return log_with_diagnostics(self, logs, start_time, super().log)
