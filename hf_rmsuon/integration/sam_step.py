@@ -71,23 +71,22 @@ def _sam_training_step(trainer: Any, model: nn.Module, inputs: dict, num_items_i
     if not trainer.accelerator.sync_gradients:
         return loss
     try:
-        with TrainerBookkeeping(trainer).restored():
-            _second_pass_if_due(trainer.accelerator, model, optimizer, window, base_step)
+        _second_pass_if_due(trainer, model, optimizer, window, base_step)
     finally:
         window.clear()
     return loss
 
 
 class TrainerBookkeeping:
-    """Snapshot of a trainer's plain-data attributes — numbers, and dicts/lists/tuples of numbers,
-    strings and small tensors, such as TRL's ``_metrics`` (``{"train": {"num_tokens": [...]}}``) and
+    """Snapshot of a trainer's plain-data attributes — numbers, and dicts/lists/tuples of numbers
+    and strings, such as TRL's ``_metrics`` (``{"train": {"num_tokens": [...]}}``) and
     ``_total_train_tokens`` — restored in place after the replay, so the adversarial pass is not
     counted in any metric. Generic on purpose: any ``compute_loss`` that records into such an
-    attribute is covered; objects (models, the accelerator, the state) are left alone."""
+    attribute is covered; objects and anything holding tensors (models, the accelerator, the state,
+    records of tensors) are left alone. Taken around the replayed forward/backward passes only."""
 
     #: Attributes always snapshotted when present (TRL's trainers), even if not plain data.
     KNOWN = ("_metrics", "_total_train_tokens", "_textual_logs", "_step")
-    MAX_TENSOR_NUMEL = 1 << 16
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -103,14 +102,12 @@ class TrainerBookkeeping:
 
     @classmethod
     def _plain(cls, value: Any, depth: int = 0) -> bool:
-        """Numbers, or containers of numbers/strings/small tensors (top-level flags and strings are
-        configuration, not bookkeeping)."""
+        """Numbers, or containers of numbers/strings (top-level flags and strings are configuration,
+        not bookkeeping)."""
         if isinstance(value, numbers.Number) and not isinstance(value, bool):
             return True
         if value is None or isinstance(value, (str, bool)):
             return depth > 0
-        if isinstance(value, torch.Tensor):
-            return depth > 0 and not isinstance(value, nn.Parameter) and value.numel() <= cls.MAX_TENSOR_NUMEL
         if depth > 3:
             return False
         if isinstance(value, dict):
@@ -159,7 +156,8 @@ class _MicroBatch:
     loss: torch.Tensor  # as returned by the training step (already scaled for accumulation)
 
 
-def _second_pass_if_due(accelerator, model, optimizer, window: list[_MicroBatch], base_step) -> None:
+def _second_pass_if_due(trainer, model, optimizer, window: list[_MicroBatch], base_step) -> None:
+    accelerator = trainer.accelerator
     optimizer.reset_sam_pass()  # drop a pass left over from a step the grad scaler skipped
     if not optimizer.sam_pass_due():
         return
@@ -168,7 +166,7 @@ def _second_pass_if_due(accelerator, model, optimizer, window: list[_MicroBatch]
     clean = torch.stack([mb.loss.float() for mb in window]).sum()
     adv = torch.zeros((), device=clean.device)
     try:
-        with preserved_batchnorm_stats(model):
+        with preserved_batchnorm_stats(model), TrainerBookkeeping(trainer).restored():
             for i, mb in enumerate(window):
                 if mb.rng is not None:
                     mb.rng.restore()
