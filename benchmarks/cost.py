@@ -112,9 +112,10 @@ def split_tracks(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     """(matrix-track, AdamW-track) parameters with the family's model-aware routing."""
     import hf_rmsuon
 
-    groups, _ = hf_rmsuon.route_model(model)
-    matrix = [p for g in groups if g["track"] == "matrix" for p in g["params"]]
-    rest = [p for g in groups if g["track"] != "matrix" for p in g["params"]]
+    report = hf_rmsuon.route_model(model)
+    params = dict(model.named_parameters())
+    matrix = [params[e.name] for e in report.entries if e.track == "matrix"]
+    rest = [params[e.name] for e in report.entries if e.track != "matrix"]
     return matrix, rest
 
 
@@ -236,8 +237,9 @@ def state_memory(stepper: Stepper) -> dict[str, Any]:
     matrix_ids = set()
     for opt in stepper.optimizers:
         for group in opt.param_groups:
-            if group.get("track") == "matrix" or isinstance(opt, torch.optim.Muon):
-                matrix_ids.update(id(p) for p in group["params"])
+            for p in group["params"]:
+                if isinstance(opt, torch.optim.Muon) or (hasattr(opt, "spec_of") and opt.spec_of(p).track == "matrix"):
+                    matrix_ids.add(id(p))
     for opt in stepper.optimizers:
         for p, st in opt.state.items():
             for key, value in st.items():
@@ -354,18 +356,19 @@ def bench_ns_dtype(setting: CostSetting, preset: dict[str, Any]) -> dict[str, An
             kv, m = pr["num_key_value_heads"] * pr["head_dim"], pr["intermediate_size"]
             shapes = [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)] * pr["num_hidden_layers"]
         mats = [torch.randn(s, generator=g) for s in shapes]
+        views = ["matrix"] * len(mats)  # the preset's matrix track: Linear weights
         rounds = setting.ns_rounds if label == "cpu preset" else max(5, setting.ns_rounds // 4)
 
-        def body(name: str, mats=mats) -> dict[str, Any]:
+        def body(name: str, mats=mats, views=views) -> dict[str, Any]:
             dtype = torch.bfloat16 if name == "bfloat16" else torch.float32
-            wall, cpu = _timed(lambda: F.orthogonalize(mats, dtype=dtype))
+            wall, cpu = _timed(lambda: F.orthogonalize(mats, views, dtype=dtype))
             return {"wall": wall, "cpu": cpu}
 
         samples = _interleaved(["bfloat16", "float32"], rounds, 3, body, f"NS dtype ({label})")
-        ref = F.orthogonalize([m.double() for m in mats], dtype=torch.float64)
+        ref = F.orthogonalize([m.double() for m in mats], views, dtype=torch.float64)
         errs = {}
         for name in ("bfloat16", "float32"):
-            res = F.orthogonalize(mats, dtype=getattr(torch, name))
+            res = F.orthogonalize(mats, views, dtype=getattr(torch, name))
             errs[name] = max(float((r.double() - x).norm() / x.norm()) for r, x in zip(res, ref))
         entry = {name: {"wall": _stats([s["wall"] for s in ss]), "cpu": _stats([s["cpu"] for s in ss])}
                  for name, ss in samples.items()}

@@ -30,6 +30,33 @@ SHEAR_EPS = 1e-12
 # Orthogonalization
 # --------------------------------------------------------------------------------------------------
 
+VIEW_MATRIX = "matrix"  # a 2-D weight as it is
+VIEW_FLATTEN = "flatten"  # (out, in·∏kernel): conv weights, undeclared ≥3-D tensors
+VIEW_STACK = "stack"  # a stack of matrices over the last two dims, orthogonalized per slice
+VIEW_NONE = "-"  # not orthogonalized (AdamW track)
+
+
+def matrix_shape(shape: Sequence[int], view: str) -> tuple[int, int]:
+    """``(rows, cols)`` of one matrix of the view."""
+    if view == VIEW_FLATTEN:
+        return int(shape[0]), math.prod(shape[1:])
+    if view in (VIEW_MATRIX, VIEW_STACK):
+        return int(shape[-2]), int(shape[-1])
+    raise ValueError(f"a tensor with view {view!r} has no matrix shape")
+
+
+def matrix_view(t: Tensor, view: str) -> Tensor:
+    """``t`` as a matrix (``matrix``/``flatten``) or a ``(batch, rows, cols)`` stack (``stack``)."""
+    if view == VIEW_MATRIX:
+        if t.ndim != 2:
+            raise ValueError(f"view 'matrix' needs a 2-D tensor, got shape {tuple(t.shape)}")
+        return t
+    if view == VIEW_FLATTEN:
+        return t.reshape(t.shape[0], -1)
+    if view == VIEW_STACK:
+        return t.reshape(-1, t.shape[-2], t.shape[-1])
+    raise ValueError(f"a tensor with view {view!r} cannot be orthogonalized")
+
 
 @functools.cache
 def _cpu_has_native_bf16() -> bool:
@@ -54,16 +81,6 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     if device.type == "cpu":
         return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
     return torch.bfloat16
-
-
-def as_matrices(t: Tensor) -> Tensor:
-    """View a parameter as a (stack of) matrices: 4-D conv weights become ``(out, in·kh·kw)``;
-    2-D and 3-D (a stack of per-slice matrices) are returned as they are."""
-    if t.ndim == 4:
-        return t.reshape(t.shape[0], -1)
-    if t.ndim < 2:
-        raise ValueError(f"orthogonalization needs a tensor with ndim >= 2, got shape {tuple(t.shape)}")
-    return t
 
 
 def newton_schulz(
@@ -103,29 +120,30 @@ def newton_schulz(
 
 def orthogonalize(
     tensors: Sequence[Tensor],
+    views: Sequence[str],
     steps: int = 5,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     dtype: torch.dtype | None = None,
     kernel: Callable[..., Tensor] | None = None,
 ) -> list[Tensor]:
-    """``NS`` applied to each tensor, with same-shape matrices stacked into one batched call.
-
-    Conv weights are orthogonalized as ``(out, −1)`` matrices and 3-D tensors per slice; results
-    keep each input's shape and dtype.
-    """
-    if not tensors:
-        return []
+    """``NS`` of each tensor's matrix view (see :mod:`hf_rmsuon.routing`), with same-shape matrices
+    stacked into one batched call. Results keep each input's shape and dtype."""
+    if len(tensors) != len(views):
+        raise ValueError(f"orthogonalize: {len(tensors)} tensors but {len(views)} views")
     results: list[Tensor | None] = [None] * len(tensors)
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        m = as_matrices(t)
-        buckets[(tuple(m.shape), m.dtype, m.device)].append(i)
-    for (_, _, device), indices in buckets.items():
+    buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+    for i, (t, view) in enumerate(zip(tensors, views)):
+        m = matrix_view(t, view)
+        buckets[(tuple(m.shape[-2:]), m.dtype, m.device)].append((i, m))
+    for (_, _, device), members in buckets.items():
         compute_dtype = dtype or default_ns_dtype(device)
-        batch = torch.stack([as_matrices(tensors[i]) for i in indices])
+        batch = torch.cat([m.reshape(-1, *m.shape[-2:]) for _, m in members])
         ortho = (kernel or newton_schulz)(batch, steps, coefficients, compute_dtype)
-        for j, i in enumerate(indices):
-            results[i] = ortho[j].reshape(tensors[i].shape)
+        offset = 0
+        for i, m in members:
+            count = m.numel() // (m.shape[-2] * m.shape[-1])
+            results[i] = ortho[offset:offset + count].reshape(tensors[i].shape)
+            offset += count
     return results  # type: ignore[return-value]
 
 
@@ -135,12 +153,9 @@ def compiled_newton_schulz() -> Callable[..., Tensor]:
     return torch.compile(newton_schulz, dynamic=False)
 
 
-def muon_lr_scale(shape: torch.Size | Sequence[int], adjust_lr: str) -> float:
-    """Muon's shape factor ``s``: ``√max(1, rows/cols)`` ("original") or ``0.2·√max(rows, cols)``
-    ("match_rms_adamw"), for the matrix view of ``shape``."""
-    rows, cols = shape[-2], shape[-1]
-    if len(shape) == 4:
-        rows, cols = shape[0], math.prod(shape[1:])
+def muon_lr_scale(rows: int, cols: int, adjust_lr: str) -> float:
+    """Muon's shape factor ``s`` of a ``rows × cols`` matrix view: ``√max(1, rows/cols)``
+    ("original") or ``0.2·√max(rows, cols)`` ("match_rms_adamw")."""
     if adjust_lr == "original":
         return math.sqrt(max(1.0, rows / cols))
     if adjust_lr == "match_rms_adamw":
@@ -179,23 +194,25 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return 1.0 - beta1**step, 1.0 - beta2**step
 
 
-def rms_denominators(exp_avg_sqs: list[Tensor], bias_correction2: float, eps: float) -> list[Tensor]:
-    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)``."""
+def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: list[float], eps: float) -> list[Tensor]:
+    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor)."""
     if not exp_avg_sqs:
         return []
     denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, math.sqrt(bias_correction2))
+    torch._foreach_div_(denoms, [math.sqrt(bc) for bc in bias_corrections2])
     torch._foreach_add_(denoms, eps)
-    return denoms
+    return list(denoms)
 
 
-def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_correction1: float) -> list[Tensor]:
-    """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient."""
+def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: list[float] | None = None) -> list[Tensor]:
+    """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient; without
+    ``bias_corrections1``, ``m/(√v̂+ε)`` (its direction, for scale-invariant uses)."""
     if not exp_avgs:
         return []
     whitened = torch._foreach_div(exp_avgs, denoms)
-    torch._foreach_div_(whitened, bias_correction1)
-    return whitened
+    if bias_corrections1 is not None:
+        torch._foreach_div_(whitened, bias_corrections1)
+    return list(whitened)
 
 
 def frobenius_norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -216,11 +233,6 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Update rules: one function per step kind; each returns the direction U (p ← p − lr·U)
 # --------------------------------------------------------------------------------------------------
-
-
-def adamw_direction(exp_avgs: list[Tensor], denoms: list[Tensor], bias_correction1: float) -> list[Tensor]:
-    """AdamW track: ``U = m̂/(√v̂+ε)`` (decay is applied separately, decoupled)."""
-    return whiten(exp_avgs, denoms, bias_correction1)
 
 
 def energy_scales(directions: list[Tensor], energies: list[Tensor] | Tensor, normalize: bool) -> Tensor:
@@ -267,26 +279,28 @@ def elementwise_natural_decay(params: list[Tensor], denoms: list[Tensor], weight
     return list(out)
 
 
-def decoupled_decay_(params: list[Tensor], lr: float, weight_decay: float) -> None:
-    """``p ← p·(1 − lr·wd)``."""
-    if params and lr * weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[float],
+                     decay_factors: list[float]) -> None:
+    """``p ← p·d − lr·U`` per tensor (``d = 1 − lr·wd`` for decoupled decay, 1 without).
 
-
-def apply_updates_(params: list[Tensor], updates: list[Tensor], lrs: list[float] | float) -> None:
-    """``p ← p − lr·U`` (``lrs`` may be per tensor, e.g. Muon's shape-adjusted rates)."""
-    if not params:
-        return
-    updates = [u.to(p.dtype) for u, p in zip(updates, params)]
-    if isinstance(lrs, float | int):
-        torch._foreach_add_(params, updates, alpha=-lrs)
-        return
-    # one fused add per distinct rate (Muon's rates depend only on the shape: a few groups)
-    by_lr: dict[float, list[int]] = defaultdict(list)
-    for i, lr in enumerate(lrs):
-        by_lr[lr].append(i)
-    for lr, idx in by_lr.items():
-        torch._foreach_add_([params[i] for i in idx], [updates[i] for i in idx], alpha=-lr)
+    Full-precision parameters are updated in place with a few fused multi-tensor kernels (one per
+    distinct ``(lr, d)``). bf16/fp16 parameters are computed in float32 and written back once, so a
+    small update or decay is not lost to rounding each intermediate result."""
+    low = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
+    for i in low:
+        p = params[i]
+        exact = p.float().mul_(decay_factors[i]).sub_(updates[i].float(), alpha=lrs[i])
+        p.copy_(exact)
+    low_set = set(low)
+    by_rate: dict[tuple[float, float], list[int]] = defaultdict(list)
+    for i in range(len(params)):
+        if i not in low_set:
+            by_rate[(lrs[i], decay_factors[i])].append(i)
+    for (lr, factor), idx in by_rate.items():
+        ps = [params[i] for i in idx]
+        if factor != 1.0:
+            torch._foreach_mul_(ps, factor)
+        torch._foreach_add_(ps, [updates[i].to(params[i].dtype) for i in idx], alpha=-lr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,23 +312,26 @@ def sam_perturbation(
     grads: list[Tensor],
     denoms: list[Tensor | None],
     params: list[Tensor],
-    rho: float | Tensor,
+    rhos: list[float],
     adaptive: bool,
     perturb_norm: str,
 ) -> list[Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``. ``‖N‖`` is global ("global") or each tensor's own ("per_tensor")."""
+    times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's); ``‖N‖`` is taken over
+    all the given tensors ("global") or is each tensor's own ("per_tensor")."""
+    if perturb_norm not in ("global", "per_tensor"):
+        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+    if not grads:
+        return []
     directions = [g / d if d is not None else g.clone() for g, d in zip(grads, denoms)]
     if adaptive:
         torch._foreach_mul_(directions, [p.abs() for p in params])
+    rho = torch.tensor(rhos, dtype=torch.float32, device=directions[0].device)
     if perturb_norm == "global":
-        scale = rho / (global_norm(directions) + SHEAR_EPS)
-        torch._foreach_mul_(directions, scale.to(directions[0].device) if isinstance(scale, Tensor) else scale)
-        return directions
-    if perturb_norm == "per_tensor":
-        norms = frobenius_norms(directions)
-        return [n_dir * (rho / (n + SHEAR_EPS)).to(n_dir.dtype) for n_dir, n in zip(directions, norms)]
-    raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+        scales = rho / (global_norm(directions) + SHEAR_EPS)
+    else:
+        scales = rho / (torch.stack(frobenius_norms(directions)) + SHEAR_EPS)
+    return scale_each(directions, scales)
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor]) -> list[Tensor]:
@@ -351,9 +368,13 @@ def aga_phi(signed_alignment: Tensor, rule: str) -> Tensor:
     raise ValueError(f"aga_rule must be 'abs' or 'signed', got {rule!r}")
 
 
-def aga_triggers_sync(phi: Tensor, nu_hat: Tensor, aga_lambda: float, rule: str) -> Tensor:
-    """Staleness test: ``φ > λ·√ν̂`` ("abs") or ``φ < −λ·√ν̂`` ("signed"). Returns a bool tensor."""
-    threshold = aga_lambda * nu_hat.sqrt()
+def aga_threshold(nu: Tensor | float, aga_lambda: float) -> Tensor | float:
+    """AGA's staleness threshold magnitude ``λ·√ν``."""
+    return aga_lambda * (nu.sqrt() if isinstance(nu, Tensor) else math.sqrt(nu))
+
+
+def aga_triggers_sync(phi: Tensor, threshold: Tensor | float, rule: str) -> Tensor:
+    """Staleness test: ``φ > λ·√ν`` ("abs") or ``φ < −λ·√ν`` ("signed"). Returns a bool tensor."""
     return phi > threshold if rule == "abs" else phi < -threshold
 
 

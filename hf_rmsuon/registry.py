@@ -9,22 +9,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .optim import ARS, AdaMuon, AdaRMSuon, ARS2Neo, FAdaRMSuon, FamilyOptimizer, Muon, PureNSMuon, RMSuon
-from .optim.base import ADAMW
-from .optim.hparams import HyperParam, Schema, choice, flag, parse_optim_args_string
-from .routing import LORA_POLICIES, route_model, route_tensors
+from .optim.base import ROUTING_HPARAMS
+from .optim.hparams import Schema, parse_optim_args_string
 
 OPTIMIZERS: dict[str, type[FamilyOptimizer]] = {
     cls.name: cls for cls in (Muon, PureNSMuon, AdaMuon, RMSuon, AdaRMSuon, FAdaRMSuon, ARS, ARS2Neo)
 }
-
-#: Options consumed by routing (model-aware construction), accepted next to every optimizer's own.
-ROUTING_HPARAMS = Schema([
-    choice("lora_policy", "both", LORA_POLICIES, "LoRA factors on the matrix track: both, B only, none"),
-    HyperParam("adamw_patterns", "patterns", (), "regexes of parameter names forced onto the AdamW track"),
-    HyperParam("matrix_patterns", "patterns", (), "regexes of parameter names forced onto the matrix track"),
-    HyperParam("adamw_lr", "optional_float", None, "learning rate of the AdamW track (default: lr)", minimum=0.0),
-    flag("no_decay_1d", True, "no weight decay on 1-D tensors (biases, norms), as transformers does"),
-])
 
 
 #: Recommended learning rate per member: the best of a learning-rate sweep on the WikiText-2 CPU
@@ -92,39 +82,25 @@ def parse_optim_args(name: str, text: str | None) -> dict[str, Any]:
 
 def create_optimizer(
     name: str,
-    model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+    *,
+    data_parallel_group: Any = None,
     **hyperparameters: Any,
 ) -> FamilyOptimizer:
-    """Build ``name`` over a model (model-aware routing) or tensors/param groups (shape rule).
+    """Build ``name`` over a model (model-aware routing of its trainable parameters, by name) or over
+    tensors, ``named_parameters()`` or param groups (the shape rule; names enable the patterns).
 
-    The routing report is attached as ``optimizer.routing_report`` (``print()`` it).
+    ``data_parallel_group``: the DDP process group (ranks with identical gradients), for ``split_ns``.
+    The routing report is ``optimizer.routing_report`` (``print()`` it).
     """
     cls = get_optimizer_class(name)
-    routing = {k: hyperparameters.pop(k) for k in list(hyperparameters) if k in ROUTING_HPARAMS}
-    routing = ROUTING_HPARAMS.validate(routing, name)
-    opts = {**ROUTING_HPARAMS.defaults(), **routing}
-    model = model_or_params if isinstance(model_or_params, nn.Module) else None
-    if model is not None:
-        groups, report = route_model(
-            model, lora_policy=opts["lora_policy"], adamw_patterns=opts["adamw_patterns"],
-            matrix_patterns=opts["matrix_patterns"], no_decay_1d=opts["no_decay_1d"],
-        )
-        if not groups:
+    if isinstance(model_or_params, nn.Module):
+        model = model_or_params
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
-    else:
-        if opts["adamw_patterns"] or opts["matrix_patterns"] or routing.get("lora_policy"):
-            raise ValueError("adamw_patterns/matrix_patterns/lora_policy need parameter names: pass the model "
-                             "to create_optimizer instead of its tensors")
-        groups, report = route_tensors(model_or_params)
-    if opts["adamw_lr"] is not None:
-        for group in groups:
-            if group["track"] == ADAMW:
-                group["lr"] = opts["adamw_lr"]
-    optimizer = cls(groups, **hyperparameters)
-    optimizer.routing_report = report
-    if model is not None and hasattr(optimizer, "attach_model"):
-        optimizer.attach_model(model)
-    return optimizer
+        return cls(named, model=model, data_parallel_group=data_parallel_group, **hyperparameters)
+    return cls(model_or_params, data_parallel_group=data_parallel_group, **hyperparameters)
 
 
 def describe_registry() -> str:

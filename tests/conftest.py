@@ -28,13 +28,16 @@ if "OMP_NUM_THREADS" not in os.environ:
 # --------------------------------------------------------------------------------------------------
 
 
-def ns(g: torch.Tensor, steps: int = 5, coefficients=(NS_A, NS_B, NS_C)) -> torch.Tensor:
-    """Float64 quintic Newton–Schulz of one tensor: 2-D directly, 3-D per slice, 4-D as (out, -1)."""
+def ns(g: torch.Tensor, steps: int = 5, coefficients=(NS_A, NS_B, NS_C), view: str | None = None) -> torch.Tensor:
+    """Float64 quintic Newton–Schulz of one tensor through its matrix view: "flatten" = (out, -1),
+    "stack" = per slice of the last two dims. Default (the shape rule for bare tensors): 2-D as it is,
+    3-D per slice, ≥4-D as (out, -1)."""
     x = g.detach().to(torch.float64)
-    if x.ndim == 4:
+    view = view or ("matrix" if x.ndim == 2 else "stack" if x.ndim == 3 else "flatten")
+    if view == "flatten" and x.ndim > 2:
         return ns(x.reshape(x.shape[0], -1), steps, coefficients).reshape(x.shape)
-    if x.ndim == 3:
-        return torch.stack([ns(s, steps, coefficients) for s in x])
+    if view == "stack" and x.ndim > 2:
+        return torch.stack([ns(s, steps, coefficients, "stack") for s in x])
     assert x.ndim == 2
     a, b, c = coefficients
     tall = x.shape[0] > x.shape[1]
@@ -57,15 +60,21 @@ def ns_scalar_map(sigma: torch.Tensor, steps: int = 5, coefficients=(NS_A, NS_B,
     return x
 
 
-def matrix_dims(shape) -> tuple[int, int]:
-    """(rows, cols) of a parameter's matrix view (4-D conv → (out, in·kh·kw))."""
-    if len(shape) == 4:
-        return shape[0], shape[1] * shape[2] * shape[3]
+def matrix_dims(shape, view: str | None = None) -> tuple[int, int]:
+    """(rows, cols) of a parameter's matrix view ("flatten": (out, ∏rest); "stack": the last two
+    dims). Default (shape rule): ≥4-D flattened, 3-D a stack."""
+    view = view or ("flatten" if len(shape) >= 4 else "stack")
+    if view == "flatten":
+        return shape[0], math.prod(shape[1:])
     return shape[-2], shape[-1]
 
 
-def muon_scale(shape, adjust_lr: str) -> float:
-    rows, cols = matrix_dims(shape)
+def shape_rule_view(shape) -> str:
+    return "matrix" if len(shape) == 2 else "stack" if len(shape) == 3 else "flatten"
+
+
+def muon_scale(shape, adjust_lr: str, view: str | None = None) -> float:
+    rows, cols = matrix_dims(shape, view)
     if adjust_lr == "original":
         return math.sqrt(max(1.0, rows / cols))
     return 0.2 * math.sqrt(max(rows, cols))

@@ -1,5 +1,7 @@
 """Work-split Newton–Schulz under 2-process CPU data parallelism (gloo): bit-identical results with
-and without splitting, and each rank orthogonalizes only its share of the matrices."""
+and without splitting, and each rank orthogonalizes only its share of the matrices — but only for an
+explicit data-parallel group: an initialised process group alone never mixes ranks' updates, and ranks
+with different tensors never hang."""
 
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ def _model() -> torch.nn.Module:
     )
 
 
-def _train(name: str, split: bool, steps: int = 3) -> tuple[list[torch.Tensor], int]:
-    """Run ``steps`` updates with identical gradients on every rank; return params and #matrices NS'd."""
-    model = _model()
-    opt = hf_rmsuon.create_optimizer(name, model, lr=1e-2, split_ns=split, ns_dtype="float32")
+def _train(name: str, split: bool, steps: int = 3, grad_seed: int = 100, group=None,
+           model: torch.nn.Module | None = None) -> tuple[list[torch.Tensor], int]:
+    """Run ``steps`` updates with gradients seeded by ``grad_seed`` (the same on every rank, as after an
+    all-reduce, unless the caller varies it per rank); return params and #matrices NS'd."""
+    model = model or _model()
+    if split and group is None and dist.is_initialized():
+        group = dist.group.WORLD
+    opt = hf_rmsuon.create_optimizer(name, model, lr=1e-2, split_ns=split, ns_dtype="float32",
+                                     data_parallel_group=group)
     processed = [0]
     original = F.newton_schulz
 
@@ -39,7 +46,7 @@ def _train(name: str, split: bool, steps: int = 3) -> tuple[list[torch.Tensor], 
     F.newton_schulz = counting
     try:
         for step in range(steps):
-            g = torch.Generator().manual_seed(100 + step)  # same on every rank, as after an all-reduce
+            g = torch.Generator().manual_seed(grad_seed + step)
             for p in model.parameters():
                 p.grad = torch.randn(p.shape, generator=g)
             opt.step()
@@ -97,3 +104,52 @@ def test_split_newton_schulz_is_bit_identical_and_shares_work(name):
 def test_single_process_never_splits():
     _, count = _train("muon", split=True, steps=1)
     assert count == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# No data-parallel group: a process group alone never splits, never mixes, never hangs
+# --------------------------------------------------------------------------------------------------
+
+
+def _independent_worker(rank: int, port: int, queue) -> None:
+    """Ranks with *different* gradients (no DDP), and then with different parameter sets."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        # 1. a process group is open, split_ns is on (the default), gradients differ per rank
+        model = _model()
+        opt = hf_rmsuon.create_optimizer("muon", model, lr=1e-2, ns_dtype="float32")  # no data_parallel_group
+        g = torch.Generator().manual_seed(1000 * (rank + 1))
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        alone, _ = _train("muon", split=False, steps=1, grad_seed=1000 * (rank + 1))
+        own = all(torch.equal(p.detach(), a) for p, a in zip(model.parameters(), alone))
+        # 2. a data-parallel group is given, but the ranks hold different parameter sets: the shape
+        # check sees it and each rank orthogonalizes its own tensors (no hang, no mixing)
+        extra = [torch.nn.Linear(8, 8)] if rank == 1 else []
+        model2 = torch.nn.Sequential(_model(), *extra)
+        with pytest.warns(RuntimeWarning, match="different matrix-track tensors"):
+            after, _ = _train("muon", split=True, steps=2, grad_seed=7, group=dist.group.WORLD, model=model2)
+        alone2, _ = _train("muon", split=False, steps=2, grad_seed=7,
+                           model=torch.nn.Sequential(_model(), *([torch.nn.Linear(8, 8)] if rank == 1 else [])))
+        own2 = all(torch.equal(a, b) for a, b in zip(after, alone2))
+        queue.put((rank, own, own2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_split_or_mixing_without_a_data_parallel_group():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_independent_worker, args=(r, port, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in range(WORLD))  # a hang fails here, bounded
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, own, own2 in results:
+        assert own, f"rank {rank}: update differs from its own single-process update"
+        assert own2, f"rank {rank}: differing parameter sets changed the update"

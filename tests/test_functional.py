@@ -16,6 +16,12 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _ortho(tensors, **kwargs):
+    """F.orthogonalize with the shape rule's views (what bare tensors get)."""
+    views = [{2: "matrix", 3: "stack"}.get(t.ndim, "flatten") for t in tensors]
+    return F.orthogonalize(tensors, views, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Newton–Schulz
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +84,7 @@ def test_singular_values_land_in_the_quintic_band(ref, dtype):
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4), (2, 6, 3), (6, 3, 2, 2)])
 def test_zero_in_zero_out(shape, dtype):
     x = torch.zeros(*shape)
-    outs = [F.orthogonalize([x], dtype=dtype)[0]]
+    outs = [_ortho([x], dtype=dtype)[0]]
     if x.ndim <= 3:
         outs.append(F.newton_schulz(x, dtype=dtype))
     for out in outs:
@@ -100,7 +106,7 @@ def test_batched_3d_is_per_slice(ref):
 
 def test_conv_weight_is_orthogonalized_as_out_by_rest(ref):
     w = torch.randn(8, 3, 3, 3, generator=_gen(7))  # (out, in, kh, kw) → (8, 27)
-    out = F.orthogonalize([w], dtype=torch.float32)[0]
+    out = _ortho([w], dtype=torch.float32)[0]
     assert out.shape == w.shape
     torch.testing.assert_close(out.double(), ref.ns(w), rtol=0, atol=2e-5)
     flat = out.reshape(8, -1).double()
@@ -113,7 +119,7 @@ def test_conv_weight_is_orthogonalized_as_out_by_rest(ref):
 def test_output_keeps_input_dtype(dtype):
     x = torch.randn(6, 4).to(dtype)
     assert F.newton_schulz(x, dtype=torch.float32).dtype == dtype
-    assert F.orthogonalize([x], dtype=torch.bfloat16)[0].dtype == dtype
+    assert _ortho([x], dtype=torch.bfloat16)[0].dtype == dtype
 
 
 def test_orthogonalize_batching_equals_per_tensor_calls():
@@ -122,32 +128,37 @@ def test_orthogonalize_batching_equals_per_tensor_calls():
                torch.randn(4, 2, 3, 3, generator=gen), torch.randn(2, 5, 7, generator=gen),
                torch.randn(16, 8, generator=gen)]
     for dtype in (torch.float32, torch.bfloat16):
-        together = F.orthogonalize(tensors, dtype=dtype)
+        together = _ortho(tensors, dtype=dtype)
         for t, out in zip(tensors, together):
-            alone = F.orthogonalize([t], dtype=dtype)[0]
+            alone = _ortho([t], dtype=dtype)[0]
             assert out.shape == t.shape
             torch.testing.assert_close(out, alone, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-2)
             if t.ndim == 2:
                 torch.testing.assert_close(out, F.newton_schulz(t, dtype=dtype), rtol=1e-6,
                                            atol=1e-6 if dtype == torch.float32 else 1e-2)
-    assert F.orthogonalize([]) == []
+    assert F.orthogonalize([], []) == []
 
 
 def test_newton_schulz_rejects_bad_steps_and_vectors():
     with pytest.raises(ValueError, match="ns_steps"):
         F.newton_schulz(torch.randn(3, 3), steps=0)
-    with pytest.raises(ValueError, match="ndim"):
-        F.orthogonalize([torch.randn(5)])
+    with pytest.raises(ValueError, match="2-D"):
+        F.orthogonalize([torch.randn(5)], ["matrix"])
+    with pytest.raises(ValueError, match="cannot be orthogonalized"):
+        F.orthogonalize([torch.randn(5, 2)], ["-"])
 
 
-@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (10, 10), (8, 3, 3, 3), (4, 6, 2)])
-def test_muon_lr_scale(ref, shape):
+@pytest.mark.parametrize("shape,view", [((64, 16), "matrix"), ((16, 64), "matrix"), ((10, 10), "matrix"),
+                                        ((8, 3, 3, 3), "flatten"), ((32, 16, 3), "flatten"), ((4, 6, 2), "stack"),
+                                        ((4, 2, 3, 3, 3), "flatten")])
+def test_muon_lr_scale(ref, shape, view):
     for mode in ("original", "match_rms_adamw"):
-        assert F.muon_lr_scale(torch.Size(shape), mode) == pytest.approx(ref.muon_scale(shape, mode), rel=1e-12)
-    assert F.muon_lr_scale((64, 16), "original") == pytest.approx(2.0)
-    assert F.muon_lr_scale((16, 64), "match_rms_adamw") == pytest.approx(1.6)
+        got = F.muon_lr_scale(*F.matrix_shape(shape, view), mode)
+        assert got == pytest.approx(ref.muon_scale(shape, mode, view), rel=1e-12)
+    assert F.muon_lr_scale(64, 16, "original") == pytest.approx(2.0)
+    assert F.muon_lr_scale(16, 64, "match_rms_adamw") == pytest.approx(1.6)
     with pytest.raises(ValueError, match="adjust_lr"):
-        F.muon_lr_scale((3, 3), "nope")
+        F.muon_lr_scale(3, 3, "nope")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,9 +178,9 @@ def test_moments_whitening_and_energy(ref):
     torch.testing.assert_close(v, v_ref)
     bc1, bc2 = F.bias_corrections(2, 0.9, 0.99)
     assert (bc1, bc2) == pytest.approx((1 - 0.81, 1 - 0.9801))
-    denom = F.rms_denominators([v], bc2, 1e-8)[0]
+    denom = F.rms_denominators([v], [bc2], 1e-8)[0]
     torch.testing.assert_close(denom, (v_ref / (1 - 0.99**2)).sqrt() + 1e-8)
-    white = F.whiten([m], [denom], bc1)[0]
+    white = F.whiten([m], [denom], [bc1])[0]
     torch.testing.assert_close(white, (m_ref / (1 - 0.9**2)) / denom)
     o = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     e = F.frobenius_norms([white])[0]
@@ -195,7 +206,7 @@ def test_sam_perturbation(ref, perturb_norm, adaptive, first_step):
     v_hats = [None] * 3 if first_step else [torch.rand(*s, generator=gen, dtype=torch.float64) for s in shapes]
     eps = 1e-3  # large enough that a missing ε would show
     denoms = [None if v is None else v.sqrt() + eps for v in v_hats]
-    e = F.sam_perturbation(grads, denoms, params, 0.05, adaptive, perturb_norm)
+    e = F.sam_perturbation(grads, denoms, params, [0.05] * 3, adaptive, perturb_norm)
     expected = ref.perturbation(grads, v_hats, params, 0.05, eps, adaptive, perturb_norm)
     for got, want in zip(e, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
@@ -207,7 +218,7 @@ def test_sam_perturbation(ref, perturb_norm, adaptive, first_step):
 
 def test_sam_perturbation_rejects_unknown_norm():
     with pytest.raises(ValueError, match="perturb_norm"):
-        F.sam_perturbation([torch.ones(2, 2)], [None], [torch.ones(2, 2)], 0.1, False, "spectral")
+        F.sam_perturbation([torch.ones(2, 2)], [None], [torch.ones(2, 2)], [0.1], False, "spectral")
 
 
 def test_shear_force_and_injection(ref):
@@ -247,7 +258,7 @@ def test_aga_phi_threshold_and_alpha(ref, rule):
     # staleness test: abs syncs when φ > λ√ν; signed when φ < −λ√ν
     nu = torch.tensor(0.04)  # λ√ν = 2·0.2 = 0.4
     for phi_value in (-0.9, -0.41, -0.39, 0.0, 0.39, 0.41, 0.9):
-        trig = bool(F.aga_triggers_sync(torch.tensor(phi_value), nu, 2.0, rule))
+        trig = bool(F.aga_triggers_sync(torch.tensor(phi_value), F.aga_threshold(nu, 2.0), rule))
         want = phi_value > 0.4 if rule == "abs" else phi_value < -0.4
         assert trig == want, (phi_value, rule)
 

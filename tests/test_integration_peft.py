@@ -149,7 +149,7 @@ def test_routing_report_lists_every_adapter_tensor(tmp_path, policy):
     by_id = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            assert group["track"] == report.track_of(by_id[id(p)])
+            assert optimizer.spec_of(p).track == report.track_of(by_id[id(p)])
     text = str(report)
     assert all(n in text for n in trainable) and not any(n in text for n in frozen)
     counts = report.counts()

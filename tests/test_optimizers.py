@@ -115,7 +115,7 @@ def test_member_matches_float64_reference(ref, name, extra):
     params = mats + vecs
     tracks = ["matrix"] * len(mats) + ["adamw"] * len(vecs)
     opt = get_optimizer_class(name)([{"params": mats, "track": "matrix"}, {"params": vecs, "track": "adamw"}],
-                                    ns_dtype="float32", **hp)
+                                    ns_dtype="float32", no_decay_1d=False, **hp)
     model = ref.RefOptimizer(name, params, tracks, **hp)
     init = [p.detach().clone() for p in params]
     gen = _gen(3)
@@ -169,7 +169,7 @@ def test_late_starting_parameter_has_its_own_step_count(ref, name):
     params = mats + vecs
     hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
     opt = get_optimizer_class(name)([{"params": mats, "track": "matrix"}, {"params": vecs, "track": "adamw"}],
-                                    ns_dtype="float32", **hp)
+                                    ns_dtype="float32", no_decay_1d=False, **hp)
     model = ref.RefOptimizer(name, params, ["matrix", "matrix", "adamw", "adamw"], **hp)
     init = [p.detach().clone() for p in params]
     gen = _gen(10)
@@ -199,7 +199,7 @@ def test_zero_gradient_decay_paths():
         bias = torch.randn(4, dtype=torch.float64).requires_grad_()
         w0, b0 = w.detach().clone(), bias.detach().clone()
         opt = get_optimizer_class(name)([{"params": [w], "track": "matrix"}, {"params": [bias], "track": "adamw"}],
-                                        lr=lr, weight_decay=wd, ns_dtype="float32")
+                                        lr=lr, weight_decay=wd, ns_dtype="float32", no_decay_1d=False)
         w.grad, bias.grad = torch.zeros_like(w), torch.zeros_like(bias)
         opt.step()
         assert not torch.isnan(w).any()
@@ -224,7 +224,8 @@ def test_adamw_track_matches_torch_adamw(name):
     hp = dict(lr=0.01, betas=(0.85, 0.97), eps=1e-6, weight_decay=0.05)
     extra = {"k": 0} if name in SAM_MEMBERS else {}
     opt = get_optimizer_class(name)(
-        [{"params": ours[:2], "track": "adamw"}, {"params": ours[2:], "track": "adamw", "lr": 0.03}], **hp, **extra)
+        [{"params": ours[:2], "track": "adamw"}, {"params": ours[2:], "track": "adamw", "lr": 0.03}],
+        no_decay_1d=False, **hp, **extra)
     ref = torch.optim.AdamW([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.03}], foreach=False, **hp)
     for _ in range(5):
         for a, b in zip(ours, theirs):

@@ -301,13 +301,15 @@ def test_finetune_lora_from_the_wikitext2_checkpoint(wikitext2_checkpoint, tmp_p
     out_dir = tmp_path / "lora"
     out = run([PY, "recipes/finetune_lora.py", "--model_name_or_path", str(ckpt), "--optim", "rmsuon",
                "--lora_policy", "B", "--lora_r", "4", "--target_modules", "q_proj,v_proj", "--use_excerpt",
-               "--max_steps", "3", "--disable_tqdm", "true", "--context_length", "32", "--output_dir", str(out_dir)],
+               "--max_steps", "3", "--disable_tqdm", "true", "--context_length", "32", "--output_dir", str(out_dir),
+               "--log_level", "info"],
               tmp_path)
     ppl = summary_ppl(out.stdout, "finetune_lora")
     assert "trainable params:" in out.stdout
     # lora_policy=B reached the optimizer: B factors orthogonalized, A factors on AdamW
-    assert re.search(r"lora_B\.default\.weight\s+\(\d+, 4\)\s+matrix\s+LoRA B factor \(lora_policy=B\)", out.stdout)
-    assert re.search(r"lora_A\.default\.weight\s+\(4, \d+\)\s+adamw\s+LoRA A factor \(lora_policy=B\)", out.stdout)
+    log = out.stdout + out.stderr  # the full routing report is logged at INFO (the view column: the matrix)
+    assert re.search(r"lora_B\.default\.weight\s+\(\d+, 4\)\s+matrix\s+\(\d+, 4\)\s+LoRA B factor \(lora_policy=B\)", log)
+    assert re.search(r"lora_A\.default\.weight\s+\(4, \d+\)\s+adamw\s+-\s+LoRA A factor \(lora_policy=B\)", log)
     assert (out_dir / "adapter_config.json").is_file() and (out_dir / "adapter_model.safetensors").is_file()
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["eval_perplexity"] == pytest.approx(ppl, rel=1e-3)

@@ -53,9 +53,11 @@ def test_defaults_follow_spec(name):
     opt = get_optimizer_class(name)([torch.zeros(3, 3, requires_grad=True)])
     for key, value in SPEC_DEFAULTS[name].items():
         assert opt.defaults[key] == value, key
-    # help() shows the class's own hyperparameters with their own defaults (and nothing else)
+    # help() shows the class's own hyperparameters with their own defaults, then the routing options
+    # and the two construction objects (model, data_parallel_group) — and nothing else
     sig = inspect.signature(get_optimizer_class(name))
-    assert list(sig.parameters) == ["params", *defaults]
+    routing = list(hf_rmsuon.optim.base.ROUTING_HPARAMS.defaults())
+    assert list(sig.parameters) == ["params", *defaults, *routing, "model", "data_parallel_group"]
     for key, value in defaults.items():
         assert sig.parameters[key].default == value, key
     schema = hyperparameter_schema(name)
@@ -127,7 +129,7 @@ def test_lora_policy_is_validated(ref, name):
 
 def test_optimizer_wide_options_cannot_differ_per_group():
     p = torch.zeros(3, 3, requires_grad=True)
-    for cls, key, value in ((hf_rmsuon.ARS, "rho", 0.5), (hf_rmsuon.ARS2Neo, "aga_rule", "signed"),
+    for cls, key, value in ((hf_rmsuon.ARS, "k", 2), (hf_rmsuon.ARS2Neo, "aga_rule", "signed"),
                             (hf_rmsuon.RMSuon, "on_nonfinite", "raise")):
         with pytest.raises(ValueError, match=key):
             cls([{"params": [p], "track": "matrix", key: value}])

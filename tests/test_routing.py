@@ -3,9 +3,6 @@ tensors, name-pattern overrides and the printable report."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -22,7 +19,7 @@ def _tracks_in_optimizer(opt) -> dict[int, str]:
     for group in opt.param_groups:
         for p in group["params"]:
             assert id(p) not in out, "a tensor is in two param groups"
-            out[id(p)] = group["track"]
+            out[id(p)] = opt.spec_of(p).track
     return out
 
 
@@ -63,26 +60,27 @@ def test_causal_lm_routing(ref, kind, tied, bias):
     assert any(e.track == "matrix" and "q_proj" in e.name for e in report.entries)
     if bias:
         assert any(n.endswith("q_proj.bias") and report.track_of(n) == "adamw" for n in named)
-    # 1-D tensors get no weight decay by default (the transformers convention); matrices keep it
-    for group in opt.param_groups:
-        if any(p.ndim < 2 for p in group["params"]):
-            assert all(p.ndim < 2 for p in group["params"]) and group["weight_decay"] == 0.0
-        else:
-            assert group["weight_decay"] == opt.defaults["weight_decay"]
+    # one param group (the model's); 1-D tensors get no weight decay by default (the transformers
+    # convention), matrices and embeddings keep it
+    assert len(opt.param_groups) == 1
+    for name, p in named.items():
+        assert opt.spec_of(p).decay == (p.ndim >= 2), name
     assert not report.warnings
 
 
 def test_no_decay_1d_off_and_adamw_lr(ref):
     model = ref.tiny_causal_lm("qwen3")
     opt = create_optimizer("rmsuon", model, lr=0.01, weight_decay=0.2, no_decay_1d=False, adamw_lr=0.003)
-    for group in opt.param_groups:
-        assert group["weight_decay"] == 0.2
-        assert group["lr"] == (0.003 if group["track"] == "adamw" else 0.01)
+    assert len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.2 and group["lr"] == 0.01
+    assert all(opt.spec_of(p).decay for p in group["params"])
+    assert opt.adamw_settings(group)[0] == 0.003
 
 
 def test_routing_report_is_printable_and_complete(ref):
     model = ref.tiny_causal_lm("qwen3", tied=False)
-    _, report = route_model(model)
+    report = route_model(model)
     text = str(report)
     for name, _ in model.named_parameters():
         assert name in text
@@ -103,12 +101,11 @@ SHAPE_CASES = [((5,), "adamw"), ((3, 4), "matrix"), ((2, 3, 4), "matrix"), ((4, 
 
 def test_route_tensors_shape_rule():
     tensors = [torch.zeros(s, requires_grad=True) for s, _ in SHAPE_CASES]
-    groups, report = route_tensors(tensors)
+    report = route_tensors(tensors)
     assert [e.track for e in report.entries] == [t for _, t in SHAPE_CASES]
-    by_id = {id(p): g["track"] for g in groups for p in g["params"]}
-    for p, (shape, track) in zip(tensors, SHAPE_CASES):
-        assert by_id[id(p)] == track, shape
-    assert len(str(report).splitlines()) == len(SHAPE_CASES) + 2  # header, rows, totals
+    # 3-D bare tensors are flagged: a stack by the seeds' rule, but a Conv1d weight cannot be told apart
+    assert len(str(report).splitlines()) == len(SHAPE_CASES) + 2 + len(report.warnings)  # header, rows, totals
+    assert [e.name for e in report.entries if e.flagged] == ["param2"]
 
 
 def test_bare_tensors_and_untracked_groups_use_the_shape_rule():
@@ -116,19 +113,14 @@ def test_bare_tensors_and_untracked_groups_use_the_shape_rule():
     for opt in (create_optimizer("muon", tensors), hf_rmsuon.Muon(tensors)):
         tracks = _tracks_in_optimizer(opt)
         assert [tracks[id(p)] for p in tensors] == [t for _, t in SHAPE_CASES]
-    # a group without a track is split, keeping its own settings
+    # a group without a track keeps its tensors and settings; each tensor is routed by the shape rule
     opt = hf_rmsuon.RMSuon([{"params": tensors[:3], "lr": 0.5}, {"params": tensors[3:], "track": "adamw"}], lr=0.1)
-    for group in opt.param_groups:
-        ids = {id(p) for p in group["params"]}
-        if ids <= {id(t) for t in tensors[:3]}:
-            assert group["lr"] == 0.5
-        else:
-            assert group["lr"] == 0.1 and group["track"] == "adamw"
+    assert len(opt.param_groups) == 2
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[1]["lr"] == 0.1
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in tensors[:3]]
     tracks = _tracks_in_optimizer(opt)
     assert [tracks[id(p)] for p in tensors[:3]] == ["adamw", "matrix", "matrix"]
     assert all(tracks[id(p)] == "adamw" for p in tensors[3:])
-    groups, report = route_tensors([{"params": tensors[:2], "lr": 0.5}])
-    assert sorted(g["track"] for g in groups) == ["adamw", "matrix"] and all(g["lr"] == 0.5 for g in groups)
     with pytest.raises(ValueError, match="track"):
         hf_rmsuon.RMSuon([{"params": tensors[:1], "track": "vector"}])
 
@@ -179,7 +171,7 @@ class _RawParams(nn.Module):
 
 def test_shape_rule_guesses_are_flagged_in_the_report():
     model = _RawParams()
-    _, report = route_model(model)
+    report = route_model(model)
     assert report.track_of("lin.weight") == "matrix" and report.track_of("lin.bias") == "adamw"
     assert report.track_of("table") == "matrix" and report.track_of("huge") == "adamw"
     flagged = {e.name for e in report.entries if e.flagged}
@@ -276,26 +268,3 @@ def test_invalid_lora_policy(ref):
     for call in (lambda: route_model(model, lora_policy="A"), lambda: create_optimizer("ars", model, lora_policy="A")):
         with pytest.raises(ValueError, match="lora_policy"):
             call()
-
-
-# --------------------------------------------------------------------------------------------------
-# The registry listing users read
-# --------------------------------------------------------------------------------------------------
-
-
-def test_cli_list_runs_and_lists_all_names(capsys):
-    out = subprocess.run([sys.executable, "-m", "hf_rmsuon", "list"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    for name in hf_rmsuon.available_optimizers():
-        assert name in out.stdout
-        assert hf_rmsuon.get_optimizer_class(name).__name__ in out.stdout
-    for key in ("lr", "betas", "rho", "aga_rule", "energy_scale", "natural_wd", "adjust_lr", "lora_policy"):
-        assert key in out.stdout, key
-    # one optimizer, and a wrong name (in process: the same entry point, without another interpreter start)
-    from hf_rmsuon.__main__ import main
-
-    assert main(["list", "ars2_neo"]) == 0
-    text = capsys.readouterr().out
-    assert "ARS2Neo" in text and "aga_lambda" in text
-    with pytest.raises(ValueError, match="ars2_neo"):
-        main(["list", "adam"])

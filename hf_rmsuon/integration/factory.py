@@ -125,12 +125,28 @@ def _check_second_pass(name: str, hyperparameters: dict[str, Any]) -> None:
                "hf_rmsuon.install() to get them.")
 
 
+def data_parallel_group(model: nn.Module) -> Any:
+    """The process group whose ranks hold identical gradients under the Trainer — DDP's, i.e. the
+    default group when ``torch.distributed`` runs with several ranks and no parameter is already
+    sharded (a DTensor: FSDP2 / tensor parallel). ``None`` otherwise (no work split)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return dist.group.WORLD
+
+
 class FamilyOptimizerFactory:
     """The factory object transformers instantiates and calls with the model."""
 
     def __call__(self, model: nn.Module, *, optimizer_name: str, **hyperparameters: Any) -> FamilyOptimizer:
         _check_second_pass(optimizer_name, hyperparameters)
-        optimizer = create_optimizer(optimizer_name, model, **hyperparameters)
+        optimizer = create_optimizer(optimizer_name, model, data_parallel_group=data_parallel_group(model),
+                                     **hyperparameters)
         logger.info("hf_rmsuon: %s with %s", optimizer_name, hyperparameters)
         logger.info("hf_rmsuon routing:\n%s", optimizer.routing_report)
         if _is_main_process():

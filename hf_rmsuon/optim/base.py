@@ -1,8 +1,13 @@
-"""The shared skeleton of every family optimizer: two tracks, validation, the AdamW track,
-non-finite guarding, diagnostics and the optimizer-wide state that ``state_dict`` carries.
+"""The shared skeleton of every family optimizer: routing, the two tracks, validation, the AdamW
+track, non-finite guarding, diagnostics and the optimizer-wide state that ``state_dict`` carries.
 
-A subclass supplies only its *matrix-track rule* (:meth:`FamilyOptimizer._matrix_updates`) and its
-hyperparameter schema; everything else is here, once.
+A member declares its hyperparameter ``schema`` and its matrix-track rule as a chain of stages
+(``matrix_stages``, see :mod:`hf_rmsuon.optim.stages`); everything else is here, once.
+
+Param groups are the user's: one optimizer group per group given (so ``param_groups[i]`` and
+per-group schedulers mean what the user expects). The *track* is a property of each tensor, decided
+once by :class:`hf_rmsuon.routing.Router` when the tensor is added (construction or
+``add_param_group``) and kept as a :class:`~hf_rmsuon.routing.TensorSpec`.
 """
 
 from __future__ import annotations
@@ -15,118 +20,173 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
-from .distributed import data_parallel_world, split_orthogonalize
-from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg
-
-MATRIX = "matrix"
-ADAMW = "adamw"
-TRACKS = (MATRIX, ADAMW)
-
-#: Seeds' shape rule, used when only tensors are given: matrix track iff ndim ≥ 2 and max(shape) < 10000.
-SHAPE_RULE_MAX_DIM = 10000
+from ..routing import ADAMW, LORA_POLICIES, MATRIX, Router, RoutingOptions, TensorSpec
+from .distributed import split_orthogonalize
+from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg, optional
+from .stages import MatrixBatch, Stage, advance_adam_moments
 
 COMMON_HPARAMS = (
     nonneg("lr", 1e-3, "learning rate (both tracks)"),
     betas("betas", (0.9, 0.999), "Adam moment decay rates (β1, β2)"),
     eps("eps", 1e-8, "Adam denominator ε"),
     nonneg("weight_decay", 0.01, "decoupled weight decay: p ← p·(1 − lr·wd)"),
+    HyperParam("adamw_lr", "optional_float", None,
+               "learning rate of the AdamW track (default: lr; LR schedulers scale it like lr)", minimum=0.0),
+    optional("adamw_betas", "betas", "AdamW-track betas (default: betas)"),
+    optional("adamw_eps", "eps", "AdamW-track ε (default: eps)"),
+    optional("adamw_weight_decay", "float", "AdamW-track weight decay (default: weight_decay)"),
     integer("ns_steps", 5, "Newton–Schulz iterations", minimum=1),
     HyperParam("ns_coefficients", "floats3", F.NS_COEFFICIENTS, "quintic Newton–Schulz coefficients (a, b, c)"),
     choice("ns_dtype", "auto", ("auto", "bfloat16", "float32"), "Newton–Schulz compute dtype (auto: per device)"),
+    choice("state_dtype", "auto", ("auto", "param", "float32", "float64"),
+           "dtype of moments and shear force (auto: float32 for bf16/fp16 parameters, else the parameter's)"),
     choice("on_nonfinite", "skip", ("skip", "raise"), "non-finite gradient: skip the whole step, or raise"),
-    flag("split_ns", True, "under torch.distributed, each rank orthogonalizes a share and results are gathered"),
+    flag("split_ns", True, "with a data_parallel_group (DDP), each rank orthogonalizes a share; results gathered"),
     flag("compile", False, "torch.compile the Newton–Schulz kernel (off by default)"),
 )
 
+#: Routing options: optimizer-wide, consumed when tensors are added (all ``--optim_args`` keys).
+ROUTING_HPARAMS = Schema([
+    choice("lora_policy", "both", LORA_POLICIES, "LoRA factors on the matrix track: both, B only, none"),
+    HyperParam("adamw_patterns", "patterns", (), "regexes of parameter names forced onto the AdamW track"),
+    HyperParam("matrix_patterns", "patterns", (), "regexes of parameter names forced onto the matrix track"),
+    HyperParam("stack_patterns", "patterns", (), "regexes of parameter names whose ≥3-D tensors are stacks "
+                                                "of matrices (orthogonalized per slice)"),
+    flag("no_decay_1d", True, "no weight decay on 1-D tensors (biases, norms) unless their param group sets "
+                              "weight_decay, as transformers does"),
+])
 
-def shape_rule_track(p: Tensor) -> str:
-    """The seeds' fallback rule for bare tensors."""
-    return MATRIX if p.ndim >= 2 and max(p.shape) < SHAPE_RULE_MAX_DIM else ADAMW
+#: Keys a param group may carry besides hyperparameters.
+GROUP_KEYS = frozenset({"params", "param_names", "track", "name", "initial_lr"})
+
+
+def resolve_dtype(setting: str, param: Tensor) -> torch.dtype:
+    """The state dtype for ``param`` under ``state_dtype``."""
+    if setting == "auto":
+        return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+    if setting == "param":
+        return param.dtype
+    return getattr(torch, setting)
 
 
 class FamilyOptimizer(torch.optim.Optimizer):
-    """Base class: a matrix track (subclass rule) and an AdamW track, in one ``torch.optim.Optimizer``.
+    """Base class: a matrix track (the member's stages) and an AdamW track, in one optimizer.
 
-    Param groups carry a ``"track"`` key (``"matrix"`` or ``"adamw"``). Groups given without one are
-    split by the seeds' shape rule; :func:`hf_rmsuon.create_optimizer` routes model-aware instead.
+    ``params``: a model's ``parameters()`` or ``named_parameters()``, tensors, or param groups (dicts
+    with ``params`` and any hyperparameter; ``"track"`` forces a track for the group's tensors).
+    ``model``: routes model-aware (module types, embeddings, heads, LoRA) and lets SAM members keep
+    BatchNorm statistics out of the second pass; :func:`hf_rmsuon.create_optimizer` passes it.
+    ``data_parallel_group``: a process group whose ranks hold identical gradients (DDP); with
+    ``split_ns`` each rank then orthogonalizes a share of the matrices. Without it nothing is split.
     """
 
     #: registry name (``--optim`` value)
     name: str = ""
     schema: Schema = Schema(COMMON_HPARAMS)
-    #: whether the matrix track gets ``p ← p·(1 − lr·wd)`` (False for natural weight decay)
-    decoupled_matrix_decay: bool = True
+    #: the matrix-track rule: moments → preconditioning → orthogonalization → energy → decay
+    matrix_stages: tuple[Stage, ...] = ()
+    #: hyperparameters that define one optimizer-wide computation and so cannot differ per group
+    global_hparams: tuple[str, ...] = ("on_nonfinite", "split_ns", "compile", "state_dtype")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Give each class an honest signature and a generated hyperparameter table for help().
-        # The signature lives on the class: most subclasses share one inherited ``__init__`` function,
-        # so a signature stored on it would be overwritten by whichever subclass is defined last.
+        # An honest signature and a generated hyperparameter table for help(); the signature lives on
+        # the class because most subclasses share one inherited ``__init__`` function.
         params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        params += [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default) for p in cls.schema]
+        params += [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+                   for p in (*cls.schema, *ROUTING_HPARAMS)]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for n in ("model", "data_parallel_group")]
         cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         if cls.__doc__ and "Hyperparameters:" not in cls.__doc__:
-            cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\nHyperparameters:\n" + cls.schema.describe()
+            stages = " → ".join(repr(s) for s in cls.matrix_stages)
+            cls.__doc__ = (inspect.cleandoc(cls.__doc__) + (f"\n\nMatrix track: {stages}" if stages else "")
+                           + "\n\nHyperparameters:\n" + cls.schema.describe())
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+        *,
+        model: nn.Module | None = None,
+        data_parallel_group: Any = None,
+        **hyperparameters: Any,
+    ) -> None:
         owner = type(self).__name__
+        routing = {k: hyperparameters.pop(k) for k in list(hyperparameters) if k in ROUTING_HPARAMS}
+        routing = {**ROUTING_HPARAMS.defaults(), **ROUTING_HPARAMS.validate(routing, owner)}
         defaults = self.schema.defaults()
         defaults.update(self.schema.validate(hyperparameters, owner))
-        self._check_defaults(defaults)
+        self._check_group(defaults, owner)
+        self.router = Router(model, RoutingOptions(**routing))
+        self.routing_options = routing
+        self.data_parallel_group = data_parallel_group
+        self._specs: dict[int, TensorSpec] = {}
         self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0}
         self._warned_nonfinite = False
         self._last: dict[str, Tensor | float] = {}
-        super().__init__(params, defaults)
+        super().__init__(_as_groups(params), defaults)
+        patterns = [k for k in ("adamw_patterns", "matrix_patterns", "stack_patterns") if routing[k]]
+        if patterns and model is None and not any("param_names" in g for g in self.param_groups):
+            raise ValueError(f"{owner}: {'/'.join(patterns)} match parameter names, but the tensors came without "
+                             "names; pass the model (create_optimizer(name, model)) or model.named_parameters()")
+        self.routing_report = self.router.finish()
 
     # -- construction ---------------------------------------------------------------------------------
-    def _check_defaults(self, defaults: dict[str, Any]) -> None:
-        """Hook for cross-argument checks (subclasses)."""
-
-    #: hyperparameters that define one optimizer-wide computation and so cannot differ per group
-    global_hparams: tuple[str, ...] = ("on_nonfinite", "split_ns", "compile")
+    def _check_group(self, hparams: dict[str, Any], owner: str) -> None:
+        """Cross-argument checks on a group's resolved hyperparameters (subclasses extend)."""
+        if hparams.get("adamw_lr") is not None and hparams["lr"] == 0.0:
+            raise ValueError(f"{owner}: adamw_lr is scaled with lr by LR schedulers, so lr must be > 0 with it")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
         group = dict(param_group)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        extra = {k: v for k, v in group.items() if k not in ("params", "track", "name", "names")}
+        items = group.pop("params")
+        items = [items] if isinstance(items, Tensor) else list(items)
+        names = list(group.pop("param_names", [])) or [None] * len(items)
+        named = [it for it in items if isinstance(it, tuple)]
+        if named and len(named) != len(items):
+            raise ValueError(f"{owner}: a param group mixes named (name, tensor) pairs and bare tensors")
+        if named:
+            names, items = [n for n, _ in items], [p for _, p in items]
+        unknown = sorted(k for k in group if k not in GROUP_KEYS and k not in self.schema)
+        if unknown:
+            raise ValueError(
+                f"{owner}: param group key(s) {unknown} are not known; valid keys are the hyperparameters "
+                f"{sorted(self.schema.params)} and {sorted(GROUP_KEYS)}"
+            )
         for key in self.global_hparams:
-            if key in extra and extra[key] != self.defaults[key]:
-                raise ValueError(
-                    f"{key} is optimizer-wide in {owner}; set it on the constructor, not per param group"
-                )
-        group.update(self.schema.validate({k: v for k, v in extra.items() if k in self.schema}, owner))
-        for p in params:
+            if key in group and group[key] != self.defaults[key]:
+                raise ValueError(f"{key} is optimizer-wide in {owner}; set it on the constructor, not per param group")
+        given = {k: v for k, v in group.items() if k in self.schema}
+        group.update(self.schema.validate(given, owner))
+        self._check_group({**self.defaults, **group}, owner)
+        for p in items:
             if not isinstance(p, Tensor):
                 raise TypeError(f"{owner} params must be tensors, got {type(p).__name__}")
             if torch.is_complex(p):
                 raise ValueError(f"{owner} does not support complex parameters (got dtype {p.dtype})")
-        track = group.get("track")
-        if track is None:
-            # Split by the shape rule, preserving the group's other settings.
-            by_track: dict[str, list[Tensor]] = {MATRIX: [], ADAMW: []}
-            for p in params:
-                by_track[shape_rule_track(p)].append(p)
-            for tr, ps in by_track.items():
-                if ps:
-                    super().add_param_group({**{k: v for k, v in group.items() if k != "names"},
-                                             "params": ps, "track": tr})
-            return
-        if track not in TRACKS:
-            raise ValueError(f"param group track={track!r} is not valid; use 'matrix' or 'adamw'")
-        if track == MATRIX:
-            for p in params:
-                if p.ndim < 2:
-                    raise ValueError(
-                        f"{owner}: a {p.ndim}-D parameter of shape {tuple(p.shape)} was put on the matrix "
-                        "track; only tensors with ndim >= 2 can be orthogonalized — route it to 'adamw'"
-                    )
-        group["params"] = params
+        index = len(self.param_groups)
+        forced = group.get("track")
+        for i, (p, name) in enumerate(zip(items, names)):
+            if id(p) in self._specs:
+                continue  # torch raises below: a tensor in two groups
+            label = self.router.name_of(p, name, f"group{index}.{i}" if index else f"param{i}")
+            self._specs[id(p)] = self.router.route(p, label, forced_track=forced,
+                                                   explicit_weight_decay="weight_decay" in given)
+        group["params"] = list(zip(names, items)) if named else items
         super().add_param_group(group)
+        if hasattr(self, "routing_report"):  # added after construction: refresh the report
+            self.routing_report = self.router.finish()
+
+    def spec_of(self, p: Tensor) -> TensorSpec:
+        """The routing decision for one parameter of this optimizer."""
+        try:
+            return self._specs[id(p)]
+        except KeyError:
+            raise KeyError("tensor is not a parameter of this optimizer") from None
 
     # -- the step -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,23 +264,39 @@ class FamilyOptimizer(torch.optim.Optimizer):
             self._warned_nonfinite = True
         return False
 
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        return resolve_dtype(self.defaults["state_dtype"], p)
+
+    def _in_state_dtype(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        return [g if g.dtype == self._state_dtype(p) else g.to(self._state_dtype(p)) for p, g in zip(params, grads)]
+
     def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         norms: list[Tensor] = []
         step_sizes: list[float] = []
         numel = 0
         for group, params, grads in gathered:
-            states = [self.state[p] for p in params]
-            if group["track"] == MATRIX:
-                updates, lrs = self._matrix_updates(group, params, grads, states)
-                lrs = lrs if isinstance(lrs, list) else [lrs] * len(params)
-                norms += F.frobenius_norms(updates)  # before apply: the updates may be scaled in place
+            tracks: dict[str, tuple[list[Tensor], list[Tensor], list[TensorSpec]]] = {MATRIX: ([], [], []),
+                                                                                       ADAMW: ([], [], [])}
+            for p, g in zip(params, grads):
+                spec = self._specs[id(p)]
+                bucket = tracks[spec.track]
+                bucket[0].append(p)
+                bucket[1].append(g)
+                bucket[2].append(spec)
+            m_params, m_grads, m_specs = tracks[MATRIX]
+            if m_params:
+                batch = self._matrix_batch(group, m_params, m_grads, m_specs)
+                for stage in self.matrix_stages:
+                    stage(batch)
+                updates = batch.updates()
+                lrs = [group["lr"] * f for f in batch.lr_factors] if batch.lr_factors else [group["lr"]] * len(m_params)
+                norms += F.frobenius_norms(updates)
                 step_sizes += lrs
-                numel += sum(p.numel() for p in params)
-                if self.decoupled_matrix_decay:
-                    F.decoupled_decay_(params, group["lr"], group["weight_decay"])
-                F.apply_updates_(params, updates, lrs)
-            else:
-                self._adamw_track(group, params, grads, states)
+                numel += sum(p.numel() for p in m_params)
+                F.decay_and_apply_(m_params, updates, lrs, batch.decay_factors or [1.0] * len(m_params))
+            a_params, a_grads, a_specs = tracks[ADAMW]
+            if a_params:
+                self._adamw_track(group, a_params, a_grads, a_specs)
         if norms:
             # a handful of whole-list kernels; read on the host only by diagnostics()
             energy = torch.stack(norms)
@@ -228,67 +304,55 @@ class FamilyOptimizer(torch.optim.Optimizer):
             moved = energy * torch.tensor(step_sizes, dtype=energy.dtype, device=energy.device)
             self._last["update_rms"] = moved.square().sum().div(numel).sqrt()
 
-    # -- tracks -----------------------------------------------------------------------------------------
-    def _matrix_updates(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
-    ) -> tuple[list[Tensor], float | list[float]]:
-        """The matrix-track rule: return ``U`` per parameter and the learning rate(s) to apply."""
-        raise NotImplementedError
+    def _matrix_batch(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                      specs: list[TensorSpec]) -> MatrixBatch:
+        return MatrixBatch(group=group, params=params, grads=self._in_state_dtype(params, grads),
+                           states=[self.state[p] for p in params], specs=specs,
+                           orthogonalize=self._orthogonalizer(group), state_dtype=self._state_dtype)
 
+    # -- the AdamW track ------------------------------------------------------------------------------
     @staticmethod
-    def _adam_moments(
-        group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
-    ) -> tuple[list[Tensor], list[Tensor], int]:
-        """Advance ``m, v`` and the step count; return ``(m list, √v̂+ε list, t)``.
+    def adamw_settings(group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
+        """``(lr, betas, eps, weight_decay)`` of the AdamW track of ``group``.
 
-        Params of a group advance together, so they share ``t`` (a param that first gets a gradient
-        later starts its own count; the group's maximum is only used for groups in lock-step).
-        """
-        beta1, beta2 = group["betas"]
-        for p, st in zip(params, states):
-            if "exp_avg" not in st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
-        exp_avgs = [st["exp_avg"] for st in states]
-        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-        F.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
-        steps = {st["step"] for st in states}
-        if len(steps) == 1:
-            t = steps.pop()
-            _, bc2 = F.bias_corrections(t, beta1, beta2)
-            return exp_avgs, F.rms_denominators(exp_avg_sqs, bc2, group["eps"]), t
-        # Mixed step counts (rare: params that started receiving gradients late): per tensor.
-        denoms = [F.rms_denominators([v], F.bias_corrections(st["step"], beta1, beta2)[1], group["eps"])[0]
-                  for v, st in zip(exp_avg_sqs, states)]
-        return exp_avgs, denoms, -1
+        ``adamw_lr`` follows LR schedulers: it is scaled by ``lr/initial_lr`` (schedulers record
+        ``initial_lr``), so a per-group schedule drives both tracks."""
+        lr = group["lr"]
+        if group["adamw_lr"] is not None:
+            initial = group.get("initial_lr")
+            lr = group["adamw_lr"] * (lr / initial if initial else 1.0)
+        return (
+            lr,
+            tuple(group["adamw_betas"]) if group["adamw_betas"] is not None else tuple(group["betas"]),
+            group["adamw_eps"] if group["adamw_eps"] is not None else group["eps"],
+            group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"],
+        )
 
-    @staticmethod
-    def _whitened(group: dict, exp_avgs: list[Tensor], denoms: list[Tensor], t: int,
-                  states: list[dict]) -> list[Tensor]:
-        """``m̂/(√v̂+ε)`` honouring per-tensor step counts."""
-        beta1 = group["betas"][0]
-        if t > 0:
-            return F.whiten(exp_avgs, denoms, F.bias_corrections(t, beta1, 0.0)[0])
-        return [F.whiten([m], [d], 1.0 - beta1 ** st["step"])[0] for m, d, st in zip(exp_avgs, denoms, states)]
-
-    def _adamw_track(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+    def _adamw_track(self, group: dict, params: list[Tensor], grads: list[Tensor], specs: list[TensorSpec]) -> None:
         """Standard AdamW with bias correction and decoupled weight decay."""
-        exp_avgs, denoms, t = self._adam_moments(group, params, grads, states)
-        updates = self._whitened(group, exp_avgs, denoms, t, states)
-        F.decoupled_decay_(params, group["lr"], group["weight_decay"])
-        F.apply_updates_(params, updates, group["lr"])
+        lr, adam_betas, adam_eps, wd = self.adamw_settings(group)
+        exp_avgs, denoms, bias_corrections1 = advance_adam_moments(
+            self._in_state_dtype(params, grads), [self.state[p] for p in params], adam_betas, adam_eps,
+            self._state_dtype, params)
+        updates = F.whiten(exp_avgs, denoms, bias_corrections1)
+        decay = [1.0 - lr * wd if s.decay else 1.0 for s in specs]
+        F.decay_and_apply_(params, updates, [lr] * len(params), decay)
 
-    def _ns(self, group: dict, tensors: list[Tensor]) -> list[Tensor]:
-        """Orthogonalize the group's matrices (batched by shape; split across DDP ranks if enabled)."""
+    # -- orthogonalization ----------------------------------------------------------------------------
+    def _orthogonalizer(self, group: dict) -> Callable[[list[Tensor], list[str]], list[Tensor]]:
+        """Newton–Schulz with the group's settings, split across a data-parallel group if given."""
         dtype = None if group["ns_dtype"] == "auto" else getattr(torch, group["ns_dtype"])
         kernel = F.compiled_newton_schulz() if self.defaults["compile"] else F.newton_schulz
         orthogonalize = functools.partial(F.orthogonalize, steps=group["ns_steps"],
                                           coefficients=tuple(group["ns_coefficients"]), dtype=dtype, kernel=kernel)
-        if self.defaults["split_ns"] and data_parallel_world() > 1:
-            return split_orthogonalize(tensors, orthogonalize)
-        return orthogonalize(tensors)
+        if self.defaults["split_ns"] and self.data_parallel_group is not None:
+            return functools.partial(split_orthogonalize, orthogonalize=orthogonalize,
+                                     group=self.data_parallel_group)
+        return orthogonalize
+
+    def set_data_parallel_group(self, group: Any) -> None:
+        """Declare the process group whose ranks hold identical gradients (DDP), enabling ``split_ns``."""
+        self.data_parallel_group = group
 
     # -- diagnostics and state ------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
@@ -322,14 +386,26 @@ class FamilyOptimizer(torch.optim.Optimizer):
         pass
 
 
+def _as_groups(params: Any) -> list[dict[str, Any]]:
+    """Normalise what torch optimizers accept (a tensor, tensors, ``(name, tensor)`` pairs, groups)."""
+    if isinstance(params, Tensor):
+        return [{"params": [params]}]
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    if isinstance(items[0], dict):
+        return [dict(g) for g in items]
+    return [{"params": items}]
+
+
 __all__ = [
     "ADAMW",
     "COMMON_HPARAMS",
     "MATRIX",
+    "ROUTING_HPARAMS",
     "FamilyOptimizer",
     "HyperParam",
     "Schema",
     "beta",
     "betas",
-    "shape_rule_track",
 ]

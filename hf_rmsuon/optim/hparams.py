@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class HyperParam:
     """One hyperparameter: name, type, default, one-line meaning and its valid range."""
 
     name: str
-    kind: str  # "float" | "int" | "bool" | "choice" | "betas" | "floats3" | "patterns" | "optional_float"
+    kind: str  # "float" | "int" | "bool" | "choice" | "betas" | "optional_betas" | "floats3" | "patterns" | "optional_float"
     default: Any
     doc: str
     choices: tuple[str, ...] = ()
@@ -33,7 +35,7 @@ class HyperParam:
         value = self._coerce(value)
         if self.kind in ("float", "int", "optional_float") and value is not None:
             self._check_range(value)
-        if self.kind == "betas":
+        if self.kind in ("betas", "optional_betas") and value is not None:
             for b in value:
                 self._check_range(b)
         if self.kind == "choice" and value not in self.choices:
@@ -58,9 +60,13 @@ class HyperParam:
                 )
 
     def _coerce(self, value: Any) -> Any:
+        if isinstance(value, torch.dtype) and self.kind == "choice":
+            value = str(value).removeprefix("torch.")  # torch.float32 → "float32", as a PyTorch user writes it
         if isinstance(value, str) and self.kind not in ("choice", "patterns"):
             return self.parse(value)
         kind = self.kind
+        if kind.startswith("optional_") and value is None:
+            return None
         try:
             if kind == "float":
                 if isinstance(value, bool):
@@ -76,9 +82,9 @@ class HyperParam:
                 if not isinstance(value, bool):
                     raise TypeError
                 return value
-            if kind in ("betas", "floats3"):
+            if kind in ("betas", "optional_betas", "floats3"):
                 seq = tuple(float(v) for v in value)
-                expected = 2 if kind == "betas" else 3
+                expected = 3 if kind == "floats3" else 2
                 if len(seq) != expected:
                     raise TypeError
                 return seq
@@ -108,7 +114,9 @@ class HyperParam:
                 if lowered in ("0", "false", "no", "off"):
                     return False
                 raise ValueError
-            if self.kind in ("betas", "floats3"):
+            if self.kind == "optional_betas" and text.lower() in ("none", ""):
+                return None
+            if self.kind in ("betas", "optional_betas", "floats3"):
                 return self._coerce([float(v) for v in text.split(":")])
             if self.kind == "patterns":
                 return self._coerce(text)
@@ -125,6 +133,7 @@ class HyperParam:
             "bool": "true or false",
             "choice": "one of " + "|".join(self.choices),
             "betas": "two numbers in [0, 1) (string form b1:b2)",
+            "optional_betas": "none or two numbers in [0, 1) (string form b1:b2)",
             "floats3": "three numbers (string form a:b:c)",
             "patterns": "regular expressions (string form p1:p2)",
         }[self.kind]
@@ -163,6 +172,19 @@ def _positive_eps(value: float) -> str | None:
 
 def eps(name: str, default: float, doc: str) -> HyperParam:
     return HyperParam(name, "float", default, doc, minimum=0.0, extra_check=_positive_eps)
+
+
+def _positive_or_none(value: float | None) -> str | None:
+    return None if value is None or value > 0 else "must be > 0 (it keeps the denominator away from zero)"
+
+
+def optional(name: str, kind: str, doc: str) -> HyperParam:
+    """A hyperparameter whose default ``None`` means "the same as the matrix track's"."""
+    if kind == "betas":
+        return HyperParam(name, "optional_betas", None, doc, minimum=0.0, maximum=1.0, open_max=True)
+    if kind == "eps":
+        return HyperParam(name, "optional_float", None, doc, minimum=0.0, extra_check=_positive_or_none)
+    return HyperParam(name, "optional_float", None, doc, minimum=0.0)
 
 
 class Schema:
@@ -220,9 +242,15 @@ def parse_optim_args_string(text: str | None) -> dict[str, str]:
     if not text:
         return {}
     out: dict[str, str] = {}
-    for item in text.replace(" ", "").split(","):
+    for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
+        if len(item.split()) > 1 and item.count("=") > 1:
+            raise ValueError(
+                f"--optim_args items are separated by commas, not spaces: got {item!r}; write e.g. "
+                f"--optim_args \"{','.join(item.split())}\""
+            )
+        item = "".join(item.split())
         if "=" not in item:
             raise ValueError(
                 f"--optim_args item {item!r} is not key=value; write e.g. --optim_args \"rho=0.05,k=2,betas=0.9:0.95\""

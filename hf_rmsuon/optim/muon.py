@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from .. import functional as F
 from .base import COMMON_HPARAMS, FamilyOptimizer, Schema, beta
 from .hparams import choice, flag, nonneg
+from .stages import DecoupledDecay, NesterovMomentum, Orthogonalize, RawGradient, ShapeFactor
 
 _MUON_HPARAMS = (
     *COMMON_HPARAMS,
@@ -28,30 +26,12 @@ class Muon(FamilyOptimizer):
         beta("momentum", 0.95, "momentum β of the matrix track"),
         flag("nesterov", True, "Nesterov momentum"),
     )
-
-    def _direction_inputs(self, group: dict, grads: list[Tensor], states: list[dict]) -> list[Tensor]:
-        momentum = group["momentum"]
-        bufs = []
-        for g, st in zip(grads, states):
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = g.new_zeros(g.shape)
-            bufs.append(st["momentum_buffer"])
-        F.ema_lerp_(bufs, grads, momentum)
-        if group["nesterov"]:
-            return [g.lerp(m, momentum) for g, m in zip(grads, bufs)]
-        return bufs
-
-    def _matrix_updates(self, group, params, grads, states):
-        updates = self._ns(group, self._direction_inputs(group, grads, states))
-        lrs = [group["lr"] * F.muon_lr_scale(p.shape, group["adjust_lr"]) for p in params]
-        return updates, lrs
+    matrix_stages = (NesterovMomentum(), Orthogonalize(), ShapeFactor(), DecoupledDecay())
 
 
-class PureNSMuon(Muon):
+class PureNSMuon(FamilyOptimizer):
     """PureNS-Muon (seed 001): Muon with momentum 0 — ``U = s·NS(g)``, no momentum state."""
 
     name = "pure_ns_muon"
     schema = Schema(_MUON_HPARAMS)
-
-    def _direction_inputs(self, group, grads, states):
-        return grads
+    matrix_stages = (RawGradient(), Orthogonalize(), ShapeFactor(), DecoupledDecay())

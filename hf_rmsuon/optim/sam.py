@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .hparams import choice, flag, integer, nonneg
+from ..routing import MATRIX
+from .hparams import beta, choice, flag, integer, nonneg
 from .rmsuon import AdaRMSuon
 
 SAM_HPARAMS = (
-    nonneg("rho", 0.1, "perturbation radius ρ"),
-    integer("k", 1, "sync every k steps: 0 never, 1 always, >1 Lazy mode (shear-force injection)"),
+    nonneg("rho", 0.1, "perturbation radius ρ (per param group; a group with ρ = 0 is not perturbed)"),
+    integer("k", 1, "sync every k steps: 0 never (AGA alone with adaptive_sync), 1 always, >1 Lazy mode"),
     nonneg("alpha", 0.1, "shear-force injection strength α on lazy steps"),
     flag("adaptive", True, "ASAM-style scale invariance: N ← N⊙|p|"),
     choice("perturb_norm", "global", ("global", "per_tensor"), "‖N‖ over all tensors, or per tensor"),
@@ -36,45 +37,77 @@ SAM_HPARAMS = (
 NEO_HPARAMS = (
     flag("adaptive_sync", False, "AGA: sync when the cached shear force has gone stale"),
     flag("asi", False, "ASI: adapt ρ from the surrogate gap"),
-    nonneg("aga_beta", 0.99, "EMA rate of AGA's ν and ASI's averages"),
+    beta("aga_beta", 0.99, "EMA rate of AGA's ν and ASI's averages, in [0, 1)"),
     nonneg("aga_lambda", 2.0, "AGA staleness threshold λ"),
     nonneg("aga_gamma", 2.0, "AGA injection exponent γ (also ASI's μ)"),
-    choice("aga_rule", "abs", ("abs", "signed"), "AGA rule: |φ| (design) or signed φ (reference code)"),
+    choice("aga_rule", "abs", ("abs", "signed"), "AGA rule: |φ| (design) or signed φ (exactly the research code)"),
+    choice("asi_first_sync", "initialise", ("initialise", "adapt"),
+           "ASI on the first sync: only initialise its averages, or also adapt ρ (the research code)"),
 )
 
 
 @contextlib.contextmanager
-def preserved_batchnorm_stats(model: nn.Module | None) -> Iterator[None]:
-    """Run the body without changing any BatchNorm running statistics of ``model``."""
-    if model is None:
-        yield
-        return
-    saved = [
-        (m, [b.clone() if b is not None else None for b in (m.running_mean, m.running_var, m.num_batches_tracked)])
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+def preserved_batchnorm_stats(model: nn.Module | None = None) -> Iterator[None]:
+    """Run the body without changing any BatchNorm running statistics.
+
+    Covers the BatchNorm modules of ``model`` and — through a global forward pre-hook — every other
+    BatchNorm module that runs inside the body, so an optimizer built from bare parameters protects
+    them too."""
+    saved: dict[int, tuple[nn.Module, list[Tensor | None]]] = {}
+
+    def snapshot(module: nn.Module, *_: Any) -> None:
+        if (id(module) not in saved and isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.track_running_stats):
+            saved[id(module)] = (module, [b.clone() if b is not None else None for b in
+                                          (module.running_mean, module.running_var, module.num_batches_tracked)])
+
+    for module in model.modules() if model is not None else ():
+        snapshot(module)
+    handle = nn.modules.module.register_module_forward_pre_hook(snapshot)
     try:
         yield
     finally:
+        handle.remove()
         with torch.no_grad():
-            for m, (mean, var, count) in saved:
-                for buf, value in ((m.running_mean, mean), (m.running_var, var), (m.num_batches_tracked, count)):
+            for m, values in saved.values():
+                for buf, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), values):
                     if buf is not None and value is not None:
                         buf.copy_(value)
 
 
-class RNGState:
-    """A snapshot of the CPU and CUDA RNGs, to give both SAM passes the same dropout masks."""
+def _device_rng_module(device_type: str) -> Any:
+    module = getattr(torch, device_type, None)
+    available = getattr(module, "is_available", None)
+    if module is None or not callable(available) or not available():
+        return None
+    return module
 
-    def __init__(self) -> None:
+
+class RNGState:
+    """A snapshot of the CPU RNG and of the RNGs of every device type in use (CUDA, MPS, XPU, …;
+    ``torch.random.fork_rng`` semantics), to give both SAM passes the same dropout masks."""
+
+    def __init__(self, device_types: Iterable[str] = ()) -> None:
+        types = set(device_types)
+        if torch.accelerator.is_available():
+            types.add(torch.accelerator.current_accelerator().type)
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.devices: dict[str, tuple[Any, Any, bool]] = {}
+        for device_type in sorted(types - {"cpu", "meta"}):
+            module = _device_rng_module(device_type)
+            if module is None:
+                continue
+            every = hasattr(module, "get_rng_state_all")
+            state = module.get_rng_state_all() if every else module.get_rng_state()
+            self.devices[device_type] = (module, state, every)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        for module, state, every in self.devices.values():
+            if every:
+                module.set_rng_state_all(state)
+            else:
+                module.set_rng_state(state)
 
 
 class ARS(AdaRMSuon):
@@ -84,25 +117,31 @@ class ARS(AdaRMSuon):
 
     name = "ars"
     schema = AdaRMSuon.schema.extended(*SAM_HPARAMS)
-    global_hparams = AdaRMSuon.global_hparams + tuple(p.name for p in (*SAM_HPARAMS, *NEO_HPARAMS))
+    global_hparams = AdaRMSuon.global_hparams + tuple(p.name for p in (*SAM_HPARAMS, *NEO_HPARAMS) if p.name != "rho")
     sharpness_aware = True
 
-    def __init__(self, params, **hyperparameters: Any) -> None:
-        super().__init__(params, **hyperparameters)
+    def __init__(self, params, *, model: nn.Module | None = None, **hyperparameters: Any) -> None:
+        super().__init__(params, model=model, **hyperparameters)
         self.sam: dict[str, Any] = {
             "step": 0, "last_sync": 0, "syncs": 0, "prev_lazy": False,
-            "nu": 0.0, "nu_count": 0, "rho": self.defaults["rho"],
+            "nu": 0.0, "nu_count": 0, "rho": self.defaults["rho"], "rho_scale": 1.0,
             "ema_gap": None, "ema_loss": None,
         }
         self._plan: dict[str, Any] | None = None
         self._pass: dict[str, Any] | None = None  # the recorded second pass of the coming step
-        self._model: weakref.ref | None = None
+        self._model: weakref.ref | None = weakref.ref(model) if model is not None else None
+
+    def _check_group(self, hparams: dict[str, Any], owner: str) -> None:
+        super()._check_group(hparams, owner)
+        if hparams.get("adaptive_sync") is False and hparams["k"] == 0 and hparams.get("asi"):
+            raise ValueError(f"{owner}: asi=True adapts ρ on sync steps, but k=0 without adaptive_sync never syncs")
 
     def _option(self, name: str) -> Any:
         return self.defaults.get(name, False)
 
     def attach_model(self, model: nn.Module) -> None:
-        """Let ``step(closure)`` keep the model's BatchNorm statistics out of the second pass."""
+        """Let ``step(closure)`` keep the model's BatchNorm statistics out of the second pass (modules
+        that run during the pass are protected anyway; this also covers compiled models)."""
         self._model = weakref.ref(model)
 
     # -- planning ---------------------------------------------------------------------------------------
@@ -116,34 +155,44 @@ class ARS(AdaRMSuon):
     def _make_plan(self) -> dict[str, Any]:
         t = self.sam["step"] + 1
         k = self.defaults["k"]
-        plan: dict[str, Any] = {"t": t, "due": False, "phi": None, "alpha": self.defaults["alpha"]}
-        if k == 0:
-            return plan
+        plan: dict[str, Any] = {"t": t, "due": False, "phi": None, "alpha": self.defaults["alpha"], "nu": None}
         if not self._option("adaptive_sync"):
-            plan["due"] = k == 1 or (t - 1) % k == 0
-            return plan
-        pairs = [(p.grad, self.state[p]["shear"]) for p in self._params_with_grad() if "shear" in self.state[p]]
-        if t == 1 or not pairs:
-            plan["due"] = True
+            plan["due"] = k == 1 or (k > 1 and (t - 1) % k == 0)
             return plan
         rule = self.defaults["aga_rule"]
+        pairs = [(p.grad, self.state[p]["shear"]) for p in self._params_with_grad() if "shear" in self.state[p]]
+        if t == 1 or not pairs:
+            if rule == "signed" and t == 1:
+                plan["nu"] = 0.0  # the research code sets ν = φ₁², and φ₁ = 0 without a shear force
+            plan["due"] = True
+            return plan
+        beta_, lam = self.defaults["aga_beta"], self.defaults["aga_lambda"]
         phi = F.aga_phi(F.alignment([g for g, _ in pairs], [s for _, s in pairs]), rule)
         alpha = F.aga_alpha(phi, self.defaults["alpha"], self.defaults["aga_gamma"], rule)
-        plan.update(phi=phi, alpha=alpha)
-        forced = k > 1 and t - self.sam["last_sync"] >= k
-        if forced:
-            plan["due"] = True
+        if rule == "signed":
+            # research code: ν (no bias correction) is updated before the test on every step whose
+            # previous step was lazy, with this step's φ
+            nu = torch.as_tensor(self.sam["nu"], dtype=torch.float32, device=phi.device)
+            if self.sam["last_sync"] < t - 1:
+                nu = beta_ * nu + (1.0 - beta_) * phi.float().square()
+            threshold = F.aga_threshold(nu, lam)
+            trigger = F.aga_triggers_sync(phi, threshold, rule)
         else:
-            trigger = torch.tensor(False)
+            nu = torch.full((), float("nan"), device=phi.device)
+            threshold = torch.full((), float("nan"), device=phi.device)
+            trigger = torch.tensor(False, device=phi.device)
             if self.sam["nu_count"] > 0:  # no staleness statistics yet → no φ-triggered sync
-                nu_hat = self.sam["nu"] / (1.0 - self.defaults["aga_beta"] ** self.sam["nu_count"])
-                trigger = F.aga_triggers_sync(phi, torch.tensor(nu_hat), self.defaults["aga_lambda"], rule)
-            # the one host read of a lazy AGA step: the decision, φ and finiteness together
-            grads = [(None, [], [g for g, _ in pairs])]
-            flags = [trigger, self._finite_flag(grads), phi, alpha]
-            due, finite, phi_value, alpha_value = torch.stack(
-                [f.to(phi.device, torch.float32) for f in flags]).tolist()
-            plan.update(due=bool(due), finite=bool(finite), phi=phi_value, alpha=alpha_value)
+                nu = torch.tensor(self.sam["nu"] / (1.0 - beta_ ** self.sam["nu_count"]), device=phi.device)
+                threshold = F.aga_threshold(nu, lam)
+                trigger = F.aga_triggers_sync(phi, threshold, rule)
+        forced = k > 1 and t - self.sam["last_sync"] >= k
+        # the one host read of a lazy AGA step: decision, finiteness, φ, α, threshold and ν together
+        grads = [(None, [], [g for g, _ in pairs])]
+        flags = [trigger, self._finite_flag(grads), phi, alpha, threshold, nu]
+        due, finite, phi_value, alpha_value, threshold_value, nu_value = torch.stack(
+            [f.to(phi.device, torch.float32) for f in flags]).tolist()
+        plan.update(due=bool(due) or forced, finite=bool(finite), phi=phi_value, alpha=alpha_value,
+                    threshold=threshold_value, nu=nu_value if rule == "signed" else None, nu_hat=nu_value)
         return plan
 
     def _params_with_grad(self) -> list[Tensor]:
@@ -155,60 +204,73 @@ class ARS(AdaRMSuon):
         self._plan = None
         self._pass = None
 
+    def _previous_denominators(self, params: list[Tensor], groups: list[dict]) -> list[Tensor | None]:
+        """``√v̂+ε`` of the previous step per tensor (``None`` before its first step: ``N = g``)."""
+        denoms: list[Tensor | None] = []
+        for p, group in zip(params, groups):
+            st = self.state[p]
+            if "exp_avg_sq" not in st or st.get("step", 0) == 0:
+                denoms.append(None)
+                continue
+            if self.spec_of(p).track == MATRIX:
+                adam_betas, adam_eps = group["betas"], group["eps"]
+            else:
+                _, adam_betas, adam_eps, _ = self.adamw_settings(group)
+            _, bc2 = F.bias_corrections(st["step"], *adam_betas)
+            denoms.append(F.rms_denominators([st["exp_avg_sq"]], [bc2], adam_eps)[0])
+        return denoms
+
     @torch.no_grad()
     def begin_sam_pass(self, grad_scale: float | None = None) -> None:
         """Save ``w`` and the base gradient, move to ``w + e`` and zero the gradients for the replay.
 
         ``grad_scale``: the loss scale the gradients carry (fp16 GradScaler); the perturbation
-        direction is computed from the unscaled gradient so ``ε`` keeps its meaning."""
+        direction is computed from the unscaled gradient so ``ε`` keeps its meaning. Groups with
+        ``rho = 0`` are not perturbed. Linear in the number of tensors."""
         if self._plan is None or not self._plan["due"]:
             raise RuntimeError("begin_sam_pass() called but no sync step is due; check sam_pass_due() first")
         if self._pass is not None:
             raise RuntimeError("begin_sam_pass() called twice for one step")
-        params = self._params_with_grad()
-        grads = [p.grad for p in params]
-        denoms = []
-        for p in params:
-            st = self.state[p]
-            if "exp_avg_sq" in st and st["step"] > 0:
-                group = self._group_of(p)
-                _, bc2 = F.bias_corrections(st["step"], *group["betas"])
-                denoms.append(F.rms_denominators([st["exp_avg_sq"]], bc2, group["eps"])[0])
-            else:
-                denoms.append(None)  # first step: N = g
-        direction_grads = grads if not grad_scale else [g / grad_scale for g in grads]
-        e = F.sam_perturbation(direction_grads, denoms, params, self.sam["rho"], self.defaults["adaptive"],
-                               self.defaults["perturb_norm"])
+        with_grad = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
+        params = [p for p, _ in perturbed]
+        grads = [p.grad if not grad_scale else p.grad / grad_scale for p in params]
+        denoms = self._previous_denominators(params, [g for _, g in perturbed])
+        rhos = [group["rho"] * self.sam["rho_scale"] for _, group in perturbed]
+        e = F.sam_perturbation(self._in_state_dtype(params, grads), denoms, params, rhos,
+                               self.defaults["adaptive"], self.defaults["perturb_norm"])
+        all_params = [p for p, _ in with_grad]
         self._pass = {
             "params": params,
             "weights": [p.detach().clone() for p in params],
-            "base_grads": [g.detach().clone() for g in grads],
+            "grad_params": all_params,
+            "base_grads": [p.grad.detach().clone() for p in all_params],
         }
-        torch._foreach_add_(params, e)
-        for g in grads:
-            g.zero_()
+        F.decay_and_apply_(params, e, [-1.0] * len(params), [1.0] * len(params))  # w ← w + e
+        for p in all_params:
+            p.grad.zero_()
 
     def end_sam_pass(self, loss: float | Tensor | None = None, adv_loss: float | Tensor | None = None) -> None:
         """Restore ``w`` exactly from the saved copy; ``p.grad`` now holds ``g_adv`` for :meth:`step`."""
         if self._pass is None or "weights" not in self._pass:
             raise RuntimeError("end_sam_pass() without begin_sam_pass()")
         with torch.no_grad():
-            torch._foreach_copy_(self._pass["params"], self._pass.pop("weights"))
+            if self._pass["params"]:
+                torch._foreach_copy_(self._pass["params"], self._pass.pop("weights"))
+            else:
+                self._pass.pop("weights")
         self._pass["loss"] = loss
         self._pass["adv_loss"] = adv_loss
 
-    def _group_of(self, p: Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter not in this optimizer")
-
     # -- the step ---------------------------------------------------------------------------------------
+    def _device_types(self) -> set[str]:
+        return {p.device.type for group in self.param_groups for p in group["params"]}
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One ARS step. With a closure: evaluate it, and on sync steps evaluate it again at ``w+e``
         (it must call backward). Without one, a sync step needs a recorded second pass."""
-        rng = RNGState() if closure is not None and self.defaults["replay_rng"] else None
+        rng = RNGState(self._device_types()) if closure is not None and self.defaults["replay_rng"] else None
         loss = None
         if closure is not None:
             if self._pass is None:
@@ -264,6 +326,8 @@ class ARS(AdaRMSuon):
             if not self._accept_gradients(finite):
                 return
             gathered = self._lazy_gradients(gathered, plan)
+        if plan.get("nu") is not None:  # the signed rule's ν, committed with the step
+            self.sam["nu"] = float(plan["nu"])
         self.sam["step"] = plan["t"]
         self.stats["steps"] += 1
         self._update(gathered)
@@ -271,6 +335,10 @@ class ARS(AdaRMSuon):
         self._last["rho"] = self.sam["rho"]
         if plan["phi"] is not None:
             self._last["phi"] = plan["phi"]
+            self._last["aga_threshold"] = plan["threshold"]
+            self._last["aga_nu_sqrt"] = plan["nu_hat"] ** 0.5 if plan["nu_hat"] == plan["nu_hat"] else float("nan")
+        if self.sam["ema_gap"] is not None:
+            self._last["asi_gap_avg"] = self.sam["ema_gap"]
         self._last["alpha"] = plan["alpha"] if not sync else self._last.get("alpha", self.defaults["alpha"])
 
     def _stores_shear(self) -> bool:
@@ -280,10 +348,11 @@ class ARS(AdaRMSuon):
         assert self._pass is not None
         self.sam.update(last_sync=plan["t"], syncs=self.sam["syncs"] + 1, prev_lazy=False)
         if self._stores_shear():
-            base = {id(p): g for p, g in zip(self._pass["params"], self._pass["base_grads"])}
+            base = {id(p): g for p, g in zip(self._pass["grad_params"], self._pass["base_grads"])}
             params = [p for _, ps, _ in gathered for p in ps if id(p) in base]
-            adv = [p.grad for p in params]
-            for p, s in zip(params, F.shear_force(adv, [base[id(p)] for p in params])):
+            adv = self._in_state_dtype(params, [p.grad for p in params])
+            base_grads = self._in_state_dtype(params, [base[id(p)] for p in params])
+            for p, s in zip(params, F.shear_force(adv, base_grads)):
                 self.state[p]["shear"] = s
         loss, adv_loss = self._pass.get("loss"), self._pass.get("adv_loss")
         if loss is not None and adv_loss is not None:
@@ -293,33 +362,40 @@ class ARS(AdaRMSuon):
                 self._adapt_rho(float(loss), gap)
 
     def _adapt_rho(self, loss: float, gap: float) -> None:
-        beta = self.defaults["aga_beta"]
+        beta_ = self.defaults["aga_beta"]
         sam = self.sam
-        if sam["ema_loss"] is None:  # first observation initialises the averages
+        if sam["ema_loss"] is None:  # the first observation initialises the averages
             sam["ema_gap"], sam["ema_loss"] = abs(gap), loss
-            return
-        sam["ema_gap"] = beta * sam["ema_gap"] + (1 - beta) * abs(gap)
-        previous = sam["ema_loss"]
-        sam["ema_loss"] = beta * previous + (1 - beta) * loss
-        sam["rho"] = F.asi_rho(sam["rho"], self.defaults["rho"], gap, sam["ema_gap"], sam["ema_loss"] - previous,
-                               self.defaults["alpha"], self.defaults["aga_gamma"])
+            if self.defaults["asi_first_sync"] == "initialise":
+                return
+            delta = 0.0  # research code: the rule runs now too; Δ = 0 counts as "not improving"
+        else:
+            sam["ema_gap"] = beta_ * sam["ema_gap"] + (1 - beta_) * abs(gap)
+            previous = sam["ema_loss"]
+            sam["ema_loss"] = beta_ * previous + (1 - beta_) * loss
+            delta = sam["ema_loss"] - previous
+        # ASI scales every group's ρ by one factor, clipped to [0.1, 10] of the configured ρ
+        sam["rho_scale"] = F.asi_rho(sam["rho_scale"], 1.0, gap, sam["ema_gap"], delta,
+                                     self.defaults["alpha"], self.defaults["aga_gamma"])
+        sam["rho"] = self.defaults["rho"] * sam["rho_scale"]
 
     def _lazy_gradients(self, gathered, plan: dict[str, Any]):
         """Inject the stored shear force into the fresh gradient (new tensors; ``p.grad`` untouched)."""
-        if self._option("adaptive_sync") and plan["phi"] is not None and self.sam["prev_lazy"]:
-            beta = self.defaults["aga_beta"]
-            self.sam["nu"] = beta * self.sam["nu"] + (1 - beta) * float(plan["phi"]) ** 2
+        if (self._option("adaptive_sync") and self.defaults["aga_rule"] == "abs" and plan["phi"] is not None
+                and self.sam["prev_lazy"]):
+            beta_ = self.defaults["aga_beta"]
+            self.sam["nu"] = beta_ * self.sam["nu"] + (1 - beta_) * float(plan["phi"]) ** 2
             self.sam["nu_count"] += 1
         self.sam["prev_lazy"] = True
-        if self.defaults["k"] == 0:
+        if not self._stores_shear():
             return gathered
         out = []
         for group, params, grads in gathered:
             grads = list(grads)
             idx = [i for i, p in enumerate(params) if "shear" in self.state[p]]
             if idx:
-                injected = F.inject_shear([grads[i] for i in idx], [self.state[params[i]]["shear"] for i in idx],
-                                          plan["alpha"])
+                fresh = self._in_state_dtype([params[i] for i in idx], [grads[i] for i in idx])
+                injected = F.inject_shear(fresh, [self.state[params[i]]["shear"] for i in idx], plan["alpha"])
                 for i, g in zip(idx, injected):
                     grads[i] = g
             out.append((group, params, grads))
@@ -347,9 +423,12 @@ class ARS(AdaRMSuon):
 class ARS2Neo(ARS):
     """ARS2-Neo: ARS + Lazy mode + AGA (``adaptive_sync``) + optional ASI.
 
-    AGA: ``φ_t = |Σ⟨g,s⟩|/(‖g‖·‖s‖)``; ``ν ← β·ν + (1−β)·φ²`` on lazy steps that follow a lazy step
-    (bias-corrected, ``ν̂ = ν/(1−β^n)``; no φ-triggered sync before ν has a sample); sync when
-    ``φ_t > λ·√ν̂``, at step 1, or when ``k > 1`` steps have passed; ``α_t = α·(1−φ_t)^γ``.
+    AGA (``aga_rule="abs"``, the design): ``φ_t = |Σ⟨g,s⟩|/(‖g‖·‖s‖)``; ``ν ← β·ν + (1−β)·φ²`` on
+    lazy steps that follow a lazy step (bias-corrected, ``ν̂ = ν/(1−β^n)``; no φ-triggered sync before
+    ν has a sample); sync when ``φ_t > λ·√ν̂``, at step 1, or when ``k > 1`` steps have passed;
+    ``α_t = α·(1−φ_t)^γ``. ``aga_rule="signed"`` is the research code's rule exactly: signed φ, ν
+    without bias correction, updated before the test on steps after a lazy step, sync when
+    ``φ_t < −λ·√ν``, ``α_t = α·(1+max(0, φ_t))^γ``. With ``k ≤ 1`` AGA alone decides (plus step 1).
     ASI: ``ρ`` grows by ``(1+η·μ)`` while the loss EMA falls and shrinks otherwise, within
     ``[0.1·ρ0, 10·ρ0]`` (``η = 0.01·α``, ``μ = γ`` when the surrogate gap exceeds its EMA)."""
 

@@ -1,0 +1,286 @@
+"""The stages of the matrix track, each implemented once:
+
+    moments  →  preconditioning  →  orthogonalization  →  energy  →  decay
+
+A family member *declares* its matrix-track rule as a chain of these stages (``matrix_stages`` on
+the class, read like optax's ``chain``); :class:`~hf_rmsuon.optim.base.FamilyOptimizer` runs the
+chain over a :class:`MatrixBatch` — the matrix-track tensors of one param group in one step — and
+applies ``p ← p·d − lr·s·U`` once at the end (``U = scale·O (+ extra)``, ``s`` Muon's shape
+factor, ``d`` the decoupled-decay factor). The tensor math itself lives in :mod:`hf_rmsuon.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..routing import TensorSpec
+
+OrthogonalizeFn = Callable[[list[Tensor], list[str]], list[Tensor]]
+
+
+@dataclass
+class MatrixBatch:
+    """The matrix-track tensors of one param group in one step, as they flow through the stages."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]  # in the state dtype
+    states: list[dict[str, Any]]
+    specs: list[TensorSpec]
+    orthogonalize: OrthogonalizeFn
+    state_dtype: Callable[[Tensor], torch.dtype]
+    # filled by the stages
+    inputs: list[Tensor] = field(default_factory=list)  # what Newton–Schulz sees
+    denoms: list[Tensor] | None = None  # √v̂+ε, when the member keeps Adam moments
+    bias_corrections1: list[float] | None = None  # 1−β1^t per tensor
+    energies: Tensor | None = None  # E per tensor (stacked)
+    ortho: list[Tensor] = field(default_factory=list)  # O
+    scales: Tensor | None = None  # U = scales_i·O_i (+ extra_i)
+    extra: list[Tensor] | None = None
+    lr_factors: list[float] | None = None  # per-tensor lr multipliers (Muon's shape factor)
+    decay_factors: list[float] | None = None  # p ← p·d before the update (decoupled decay)
+
+    def updates(self) -> list[Tensor]:
+        """``U`` per tensor."""
+        updates = F.scale_each(self.ortho, self.scales) if self.scales is not None else list(self.ortho)
+        if self.extra is not None:
+            updates = list(torch._foreach_add(updates, self.extra))
+        return updates
+
+
+class Stage:
+    """One step of the chain. ``kind`` is one of moments, preconditioning, orthogonalization, energy,
+    decay; ``__call__`` reads and fills the batch."""
+
+    kind: str = ""
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def state_buffer(state: dict[str, Any], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The zero-initialised state tensor ``key`` (created on first use, in the state dtype)."""
+    if key not in state:
+        state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+    return state[key]
+
+
+def advance_adam_moments(
+    grads: list[Tensor], states: list[dict[str, Any]], betas: tuple[float, float], eps: float,
+    state_dtype: Callable[[Tensor], torch.dtype], params: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``, ``t ← t+1`` per tensor; returns
+    ``(m, √v̂+ε, 1−β1^t)``. Shared by the AdamW track and the RMSuon members' matrix track."""
+    beta1, beta2 = betas
+    for p, st in zip(params, states):
+        dtype = state_dtype(p)
+        state_buffer(st, "exp_avg", p, dtype)
+        state_buffer(st, "exp_avg_sq", p, dtype)
+        st["step"] = st.get("step", 0) + 1
+    exp_avgs = [st["exp_avg"] for st in states]
+    exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+    F.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
+    corrections = [F.bias_corrections(st["step"], beta1, beta2) for st in states]
+    denoms = F.rms_denominators(exp_avg_sqs, [bc2 for _, bc2 in corrections], eps)
+    return exp_avgs, denoms, [bc1 for bc1, _ in corrections]
+
+
+# --------------------------------------------------------------------------------------------------
+# moments
+# --------------------------------------------------------------------------------------------------
+
+
+class RawGradient(Stage):
+    """No moments: Newton–Schulz sees ``g`` (PureNS-Muon)."""
+
+    kind = "moments"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        batch.inputs = batch.grads
+
+
+class NesterovMomentum(Stage):
+    """``M ← β·M + (1−β)·g``; input ``(1−β)·g + β·M`` (``nesterov``) or ``M`` (Muon)."""
+
+    kind = "moments"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        momentum = batch.group["momentum"]
+        bufs = [state_buffer(st, "momentum_buffer", g, g.dtype) for g, st in zip(batch.grads, batch.states)]
+        F.ema_lerp_(bufs, batch.grads, momentum)
+        batch.inputs = [g.lerp(m, momentum) for g, m in zip(batch.grads, bufs)] if batch.group["nesterov"] else bufs
+
+
+class SignedNesterovMomentum(Stage):
+    """``M ← β1·M + g``; input ``sign(g + β1·M)`` (AdaMuon)."""
+
+    kind = "moments"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        beta1 = batch.group["betas"][0]
+        bufs = [state_buffer(st, "momentum_buffer", g, g.dtype) for g, st in zip(batch.grads, batch.states)]
+        torch._foreach_mul_(bufs, beta1)
+        torch._foreach_add_(bufs, batch.grads)
+        nesterov = torch._foreach_add(batch.grads, bufs, alpha=beta1)
+        torch._foreach_sign_(nesterov)
+        batch.inputs = list(nesterov)
+
+
+class AdamMoments(Stage):
+    """Adam's ``m, v`` with bias correction: keeps ``√v̂+ε`` and ``1−β1^t`` for the next stages;
+    input ``m`` (the preconditioning stage decides what Newton–Schulz sees)."""
+
+    kind = "moments"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        exp_avgs, batch.denoms, batch.bias_corrections1 = advance_adam_moments(
+            batch.grads, batch.states, batch.group["betas"], batch.group["eps"], batch.state_dtype, batch.params)
+        batch.inputs = exp_avgs
+
+
+# --------------------------------------------------------------------------------------------------
+# preconditioning
+# --------------------------------------------------------------------------------------------------
+
+
+def _energies(whitened_uncorrected: list[Tensor], bias_corrections1: list[float]) -> Tensor:
+    """``E = ‖m/(√v̂+ε)‖/(1−β1^t)`` per tensor (stacked)."""
+    norms = torch.stack(F.frobenius_norms(whitened_uncorrected))
+    return norms / torch.tensor(bias_corrections1, dtype=norms.dtype, device=norms.device)
+
+
+class Whiten(Stage):
+    """Pre-whitening: ``G = m̂/(√v̂+ε)``, ``E = ‖G‖``; Newton–Schulz sees ``G`` (AdaRMSuon).
+
+    NS is scale-invariant, so it is given ``m/(√v̂+ε)`` and the bias correction enters only ``E``."""
+
+    kind = "preconditioning"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        whitened = F.whiten(batch.inputs, batch.denoms)
+        batch.energies = _energies(whitened, batch.bias_corrections1)
+        batch.inputs = whitened
+
+
+class WhitenedEnergy(Stage):
+    """``E = ‖m̂/(√v̂+ε)‖`` (AdamW's step energy); Newton–Schulz keeps seeing ``m`` (RMSuon)."""
+
+    kind = "preconditioning"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        batch.energies = _energies(F.whiten(batch.inputs, batch.denoms), batch.bias_corrections1)
+
+
+# --------------------------------------------------------------------------------------------------
+# orthogonalization
+# --------------------------------------------------------------------------------------------------
+
+
+class Orthogonalize(Stage):
+    """``O = NS(input)`` over each tensor's matrix view (from routing)."""
+
+    kind = "orthogonalization"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        batch.ortho = batch.orthogonalize(batch.inputs, [s.view for s in batch.specs])
+
+
+# --------------------------------------------------------------------------------------------------
+# energy
+# --------------------------------------------------------------------------------------------------
+
+
+class ShapeFactor(Stage):
+    """Muon's shape factor as a per-tensor lr multiplier: ``U = s·O`` with ``s`` from ``adjust_lr``
+    and the matrix view."""
+
+    kind = "energy"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        adjust = batch.group["adjust_lr"]
+        batch.lr_factors = [F.muon_lr_scale(*s.matrix_shape, adjust) for s in batch.specs]
+
+
+class EnergyRescale(Stage):
+    """Energy re-injection ``U = E·O`` or, normalized, ``U = E·O/(‖O‖+1e-10)``. ``normalize=None``
+    reads the group's ``energy_scale`` ("rms" normalizes, "reference" does not)."""
+
+    kind = "energy"
+
+    def __init__(self, normalize: bool | None = None) -> None:
+        self.normalize = normalize
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        normalize = self.normalize if self.normalize is not None else batch.group["energy_scale"] == "rms"
+        batch.scales = F.energy_scales(batch.ortho, batch.energies, normalize)
+
+    def __repr__(self) -> str:
+        return f"EnergyRescale(normalize={self.normalize if self.normalize is not None else 'energy_scale'})"
+
+
+class AdaptiveRMSRescale(Stage):
+    """AdaMuon's energy: ``V ← β2·V + (1−β2)·O²``; ``Û = O/(√V+ε)``; ``U = Û·0.2·√(rows·cols)/(‖Û‖+ε)``."""
+
+    kind = "energy"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        beta2, eps = batch.group["betas"][1], batch.group["eps"]
+        sqs = [state_buffer(st, "exp_avg_sq", o, o.dtype) for o, st in zip(batch.ortho, batch.states)]
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, batch.ortho, batch.ortho, value=1.0 - beta2)
+        denoms = torch._foreach_sqrt(sqs)
+        torch._foreach_add_(denoms, eps)
+        adapted = list(torch._foreach_div(batch.ortho, denoms))
+        norms = torch.stack(F.frobenius_norms(adapted))
+        targets = torch.tensor([0.2 * math.sqrt(u.numel()) for u in adapted], dtype=norms.dtype, device=norms.device)
+        batch.ortho, batch.scales = adapted, targets / (norms + eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# decay
+# --------------------------------------------------------------------------------------------------
+
+
+def decay_weights(specs: list[TensorSpec], weight_decay: float) -> list[float]:
+    """Per-tensor weight decay: the group's, or 0 where routing says no decay (1-D tensors)."""
+    return [weight_decay if s.decay else 0.0 for s in specs]
+
+
+class DecoupledDecay(Stage):
+    """``p ← p·(1 − lr·wd)`` (applied together with the update)."""
+
+    kind = "decay"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        lr = batch.group["lr"]
+        batch.decay_factors = [1.0 - lr * wd for wd in decay_weights(batch.specs, batch.group["weight_decay"])]
+
+
+class NaturalDecay(Stage):
+    """F-AdaRMSuon's natural weight decay, added to ``U`` (no ``p·(1−lr·wd)`` step):
+    ``"projected"``: ``wd·(⟨D,O⟩/‖O‖²)·O`` with ``D = p/(√v̂+ε)`` — a multiple of ``O``, so it is
+    added to the scale; ``"elementwise"``: ``wd·D`` (the ADR's first, harmful form; ablation)."""
+
+    kind = "decay"
+
+    def __call__(self, batch: MatrixBatch) -> None:
+        wds = decay_weights(batch.specs, batch.group["weight_decay"])
+        if not any(wds):
+            return
+        params = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(batch.params, batch.denoms)]
+        wd = torch.tensor(wds, dtype=torch.float32, device=batch.scales.device)
+        if batch.group["natural_wd"] == "projected":
+            batch.scales = batch.scales + wd * F.projected_natural_decay(params, batch.denoms, batch.ortho, 1.0)
+        else:
+            decay = F.elementwise_natural_decay(params, batch.denoms, 1.0)
+            batch.extra = F.scale_each(decay, wd)
