@@ -127,7 +127,7 @@ def test_wikitext2_reference_protocol(tmp_path):
     assert not data_args.pad_in_loss  # a separate switch
     assert str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "constant"
     assert args.max_grad_norm == 0.0 and args.warmup_steps == 0
-    assert args.train_sampling_strategy == "sequential"
+    assert args.train_sampling_strategy == "group_by_length"  # similar lengths, random order
     assert args.optim_args == "rho=0.1,perturb_norm=per_tensor"
     # explicit flags win; members without the option get none
     _, data_args, args = _parse(tmp_path, "--protocol", "reference", "--optim", "ars2_neo", "--max_grad_norm", "1",
