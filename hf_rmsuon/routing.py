@@ -266,6 +266,9 @@ class Router:
             factor = lora.group(1)
             on_matrix = self.options.lora_policy == "both" or (self.options.lora_policy == "B" and factor == "B")
             return (MATRIX if on_matrix else ADAMW), f"LoRA {factor} factor (lora_policy={self.options.lora_policy})", False
+        for rx in self._stack_re:
+            if rx.search(name):  # a declared stack of matrices: the matrix track (view chosen below)
+                return MATRIX, "declared stack", False
         kind = self._layer_kind.get(id(p))
         if kind is not None:
             return MATRIX, (f"stacked weights of {kind[6:]}" if kind.startswith("stack:") else f"{kind} weight"), False

@@ -169,6 +169,10 @@ class FamilyOptimizer(torch.optim.Optimizer):
             if torch.is_complex(p):
                 raise ValueError(f"{owner} does not support complex parameters (got dtype {p.dtype})")
         index = len(self.param_groups)
+        if not named and any("param_names" in g for g in self.param_groups):
+            # torch needs all groups named or none: name the new tensors as the router would report them
+            named = True
+            names = [self.router.name_of(p, n, f"group{index}.{i}") for i, (p, n) in enumerate(zip(items, names))]
         forced = group.get("track")
         for i, (p, name) in enumerate(zip(items, names)):
             if id(p) in self._specs:
@@ -371,9 +375,19 @@ class FamilyOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that state tensors keep their saved dtype (torch casts floating state to
+        the parameter's dtype, which would round float32 moments of bf16 parameters to bf16)."""
         state_dict = dict(state_dict)
         family = state_dict.pop("family", None)
-        super().load_state_dict(state_dict)
+        saved_state = state_dict.pop("state", {})
+        super().load_state_dict({**state_dict, "state": {}})  # groups: validation, hooks, param_names
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for key, entries in saved_state.items():
+            p = by_id[key]
+            self.state[p] = {k: v.detach().to(p.device, copy=True) if isinstance(v, Tensor) else v
+                             for k, v in entries.items()}
         if family is not None:
             self.stats.update(family.get("stats", {}))
             self._load_extra_state(family)
