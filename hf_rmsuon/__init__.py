@@ -1,7 +1,8 @@
 """hf_rmsuon — the RMSuon optimizer family for the HuggingFace stack.
 
 Layers (dependencies point down): ``integration`` (transformers/Accelerate/PEFT) → ``registry`` →
-``routing`` → ``optim`` (one class per algorithm) → ``functional`` (pure tensor math).
+``optim`` (one class per algorithm, a chain of stages) → ``routing`` (one spec per tensor) →
+``functional`` (pure tensor math).
 """
 
 from .optim import ARS, AdaMuon, AdaRMSuon, ARS2Neo, FAdaRMSuon, FamilyOptimizer, Muon, PureNSMuon, RMSuon
