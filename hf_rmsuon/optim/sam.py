@@ -314,7 +314,7 @@ class ARS(AdaRMSuon):
             losses = [self._pass.get("loss"), self._pass.get("adv_loss")]
             finite_flag = self._finite_flag(gathered)
             exact = torch.float32 if finite_flag.device.type == "mps" else torch.float64  # losses feed ASI
-            known = [torch.as_tensor(v).detach().to(finite_flag.device, exact) for v in losses if v is not None]
+            known = [torch.as_tensor(v, dtype=exact).detach().to(finite_flag.device) for v in losses if v is not None]
             values = torch.stack([finite_flag.to(exact), *known]).tolist()
             self._pass["loss"], self._pass["adv_loss"] = (values[1], values[2]) if len(known) == 2 else (None, None)
             if not self._accept_gradients(bool(values[0])):
