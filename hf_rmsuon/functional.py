@@ -83,6 +83,110 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16
 
 
+#: Newton–Schulz iterations: "standard" (Muon's: iterate on X), "gram" (iterate on the m×m Gram matrix,
+#: one rectangular product at the end) and "auto" (per shape and dtype, see :func:`ns_method`).
+NS_METHODS = ("auto", "standard", "gram")
+#: "auto" takes the Gram iteration only where its FLOP count is below this share of the standard one
+#: (measured on CPU at the Qwen3-0.6B shapes in fp32, BENCHMARKS.md: time follows the FLOP ratio —
+#: 1024×3072 0.66, 1024×2048 0.83, 1024×1024 1.25 — so the margin only keeps near-ties on the standard one).
+GRAM_FLOP_MARGIN = 0.9
+#: dtypes in which the Gram iteration is accurate enough to be chosen by "auto": it squares the condition
+#: number (G = X Xᵀ) and carries G itself across the steps, so in bf16 the rounding of G grows into
+#: singular values far outside the band on low-rank inputs (measured: up to ~100 instead of ≤ 1.2); in fp32
+#: it matches the standard iteration within float32 rounding on the band.
+GRAM_DTYPES = (torch.float32, torch.float64)
+
+
+def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard") -> int:
+    """Floating-point operations of one ``rows × cols`` Newton–Schulz (2 per multiply-add).
+
+    With ``m = min(rows, cols)``, ``n = max``: standard ``steps·(2m²n + m³)`` multiply-adds (``X Xᵀ``,
+    ``A·A``, ``B·X``); Gram ``2m²n + (4·steps − 3)·m³`` (``G = X Xᵀ`` and ``Q X`` once; per step ``A·A``,
+    ``P·Q`` and ``P·A·P``, minus the products that are identities on the first step or unused on the last).
+    """
+    m, n = min(rows, cols), max(rows, cols)
+    if method == "standard":
+        return 2 * steps * (2 * m * m * n + m**3)
+    if method == "gram":
+        return 2 * (2 * m * m * n + (4 * steps - 3) * m**3)
+    raise ValueError(f"method must be 'standard' or 'gram', got {method!r}")
+
+
+def ns_method(rows: int, cols: int, steps: int, dtype: torch.dtype) -> str:
+    """The iteration ``newton_schulz`` runs for one shape: "gram" where it needs clearly fewer FLOPs
+    (``< GRAM_FLOP_MARGIN`` of the standard count; with 5 steps that is ``max/min > 1.79``) and the
+    compute dtype is float32/float64, else "standard" (square and near-square matrices, bf16)."""
+    if dtype not in GRAM_DTYPES:
+        return "standard"
+    gram = ns_flops(rows, cols, steps, "gram")
+    return "gram" if gram < GRAM_FLOP_MARGIN * ns_flops(rows, cols, steps, "standard") else "standard"
+
+
+def _ns_prepare(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, bool, torch.Size]:
+    """``x`` in ``dtype``, short side first, as a ``(batch, m, n)`` stack divided by its Frobenius norm."""
+    y = x.to(dtype)
+    transposed = y.size(-2) > y.size(-1)
+    if transposed:
+        y = y.mT
+    batch_shape = y.shape[:-2]
+    y = y.reshape(-1, *y.shape[-2:])
+    return y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS), transposed, batch_shape
+
+
+def _ns_finish(y: Tensor, transposed: bool, batch_shape: torch.Size, out_dtype: torch.dtype) -> Tensor:
+    y = y.reshape(*batch_shape, *y.shape[-2:])
+    if transposed:
+        y = y.mT
+    return y.to(out_dtype)
+
+
+def newton_schulz_standard(
+    x: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Muon's quintic iteration on ``X`` itself: repeat ``A = X Xᵀ; B = b·A + c·A²; X = a·X + B X``."""
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    a, b, c = coefficients
+    y, transposed, batch_shape = _ns_prepare(x, dtype)
+    for _ in range(steps):
+        gram = y @ y.mT
+        # fused multiply-adds round once, like torch.optim.Muon's addmm
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.baddbmm(y, poly, y, beta=a)
+    return _ns_finish(y, transposed, batch_shape, x.dtype)
+
+
+def newton_schulz_gram(
+    x: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The same quintic iteration carried on the ``m × m`` Gram matrix (``m`` the short side).
+
+    Every iterate is ``X_k = Q_k X_0`` with ``Q_{k+1} = P_k Q_k``, ``P_k = a·I + b·A_k + c·A_k²`` and
+    ``A_k = X_k X_kᵀ``; since ``A_{k+1} = P_k A_k P_kᵀ`` (``P_k`` symmetric), only ``G = X_0 X_0ᵀ`` and
+    the final ``Q X_0`` touch the rectangular matrix. Fewer FLOPs than :func:`newton_schulz_standard`
+    when ``max/min`` is well above 1.5 (see :func:`ns_flops`); exact arithmetic gives the same result.
+    Use it in float32/float64 (see ``GRAM_DTYPES``). A zero input stays zero."""
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    a, b, c = coefficients
+    y, transposed, batch_shape = _ns_prepare(x, dtype)
+    gram = y @ y.mT
+    q: Tensor | None = None
+    for k in range(steps):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)
+        q = poly if q is None else poly @ q
+        if k < steps - 1:
+            gram = poly @ (gram @ poly)
+    return _ns_finish(q @ y, transposed, batch_shape, x.dtype)  # type: ignore[operator]
+
+
 def newton_schulz(
     x: Tensor,
     steps: int = 5,
@@ -95,27 +199,13 @@ def newton_schulz(
     (transposes when rows > cols). The singular values land in roughly [0.7, 1.2] rather than
     exactly 1 — the coefficients trade exactness for speed, as in Muon. A zero input stays zero.
     The result is returned in ``x.dtype``; leading dims are a batch.
+
+    The iteration is chosen per shape (:func:`ns_method`): the Gram form (:func:`newton_schulz_gram`)
+    for clearly rectangular matrices in float32/float64, the standard one otherwise.
     """
-    if steps < 1:
-        raise ValueError(f"ns_steps must be >= 1, got {steps}")
-    a, b, c = coefficients
-    out_dtype = x.dtype
-    y = x.to(dtype)
-    transposed = y.size(-2) > y.size(-1)
-    if transposed:
-        y = y.mT
-    batch_shape = y.shape[:-2]
-    y = y.reshape(-1, *y.shape[-2:])
-    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS)
-    for _ in range(steps):
-        gram = y @ y.mT
-        # fused multiply-adds round once, like torch.optim.Muon's addmm
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        y = torch.baddbmm(y, poly, y, beta=a)
-    y = y.reshape(*batch_shape, *y.shape[-2:])
-    if transposed:
-        y = y.mT
-    return y.to(out_dtype)
+    if ns_method(x.size(-2), x.size(-1), steps, dtype) == "gram":
+        return newton_schulz_gram(x, steps, coefficients, dtype)
+    return newton_schulz_standard(x, steps, coefficients, dtype)
 
 
 def orthogonalize(
