@@ -491,3 +491,74 @@ def asi_rho(
     mu = aga_gamma if abs(gap) > ema_gap else 1.0
     rho = rho * (1.0 + eta * mu) if loss_delta < 0 else rho * (1.0 - eta * mu)
     return min(max(rho, 0.1 * rho0), 10.0 * rho0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The AdamW track on torch's fused AdamW kernel
+# --------------------------------------------------------------------------------------------------
+
+#: The step count handed to ``torch._fused_adamw_``: at ``t = 2^62`` every ``β^t`` underflows to 0, so the
+#: kernel's own bias corrections are 1 and the real ones are folded into ``lr``/``ε``/``wd``
+#: (:func:`fused_adamw_`). One constant tensor per device, never written: no per-step host→device copy.
+FUSED_STEP = 2.0**62
+_fused_steps: dict[torch.device, Tensor] = {}
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _fused_step_tensor(device: torch.device) -> Tensor:
+    if device not in _fused_steps:
+        _fused_steps[device] = torch.full((), FUSED_STEP, dtype=torch.float32, device=device)
+    return _fused_steps[device]
+
+
+def fused_adamw_applicable(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                           exp_avg_sqs: Sequence[Tensor], betas: tuple[float, float]) -> bool:
+    """Whether :func:`fused_adamw_` can run on these tensors: plain dense tensors (no DTensor or other
+    subclass) on one device whose type has the kernel, each parameter's gradient and moments in the
+    parameter's own dtype (the kernel has no separate state dtype: fp32 moments of bf16 parameters take
+    the foreach path), contiguous, and ``β`` that stay below 1 in float32."""
+    if not params or not hasattr(torch, "_fused_adamw_"):
+        return False
+    if any(b >= 1.0 - 2.0**-24 for b in betas):  # β rounding to 1 in the kernel's float math
+        return False
+    device = params[0].device
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if device.type not in _get_fused_kernels_supported_devices():
+        return False
+    for group in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p = group[0]
+        if p.dtype not in _FUSED_DTYPES:
+            return False
+        for t in group:
+            if (type(t) not in _PLAIN_TYPES or t.is_sparse or t.device != device or t.dtype != p.dtype
+                    or t.shape != p.shape or not t.is_contiguous()):
+                return False
+    return True
+
+
+def fused_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: Sequence[int], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decays: Sequence[float]) -> None:
+    """One AdamW step (bias correction, decoupled decay ``p ← p·(1−lr·wd)``) in place with
+    ``torch._fused_adamw_``; ``steps`` are the already-advanced 1-based step counts, ``weight_decays``
+    per tensor. Call only where :func:`fused_adamw_applicable` holds.
+
+    The kernel is given a constant step ``2^62`` (bias corrections 1) and
+    ``lr' = lr·√c2/c1``, ``ε' = ε·√c2``, ``wd' = wd·c1/√c2`` (``c = 1−β^t``), which is AdamW's
+    ``p ← p·(1−lr·wd) − (lr/c1)·m/(√v/√c2 + ε)`` exactly, up to float rounding. One kernel call per
+    distinct ``(dtype, t, wd)``."""
+    beta1, beta2 = betas
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (p, t, wd) in enumerate(zip(params, steps, weight_decays)):
+        buckets[(p.dtype, int(t), float(wd))].append(i)
+    step_tensor = _fused_step_tensor(params[0].device)
+    for (_, t, wd), idx in buckets.items():
+        bc1, bc2 = bias_corrections(t, beta1, beta2)
+        root2 = math.sqrt(bc2)
+        torch._fused_adamw_(
+            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx], [], [step_tensor] * len(idx),
+            lr=lr * root2 / bc1, beta1=beta1, beta2=beta2, weight_decay=wd * bc1 / root2, eps=eps * root2,
+            amsgrad=False, maximize=False, grad_scale=None, found_inf=None)

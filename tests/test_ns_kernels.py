@@ -106,3 +106,89 @@ def test_orthogonalize_mixes_kernels_per_shape():
         assert o.shape == m.shape and o.dtype == m.dtype
         ref = F.newton_schulz_standard(m.double(), dtype=torch.float64)
         assert _rel(o, ref) < (1e-2 if m.dtype == torch.bfloat16 else 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# the AdamW track on torch's fused AdamW kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _adamw_pair(dtype=torch.float32, **hp):
+    import hf_rmsuon
+
+    torch.manual_seed(0)
+    shapes = [(300, 16), (16,), (7, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = hf_rmsuon.AdaRMSuon([{"params": ours, "track": "adamw"}], lr=1e-2, weight_decay=0.1, **hp)
+    groups = [{"params": [ref[0], ref[2]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}]
+    return ours, ref, opt, torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+
+
+def _set_grads(ours, ref, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p, q in zip(ours, ref):
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        p.grad, q.grad = grad.clone(), grad.clone()
+
+
+def test_fused_adamw_track_matches_torch_adamw_and_is_used(monkeypatch):
+    calls = []
+    real = F.fused_adamw_
+    monkeypatch.setattr(F, "fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, ref, opt, torch_opt = _adamw_pair()
+    for step in range(6):
+        _set_grads(ours, ref, step)
+        if step == 3:  # a tensor without gradient this step: its own step count falls behind
+            ours[2].grad = ref[2].grad = None
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 6
+    assert [opt.state[p]["step"] for p in ours] == [6, 6, 5]
+    assert all(isinstance(opt.state[p]["step"], int) for p in ours)  # a number, as SAM and checkpoints read it
+
+
+def test_fused_adamw_checkpoint_round_trip_and_lr_zero():
+    ours, ref, opt, torch_opt = _adamw_pair()
+    for step in range(2):
+        _set_grads(ours, ref, step)
+        opt.step()
+        torch_opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["step"] == 2
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    import hf_rmsuon
+
+    opt2 = hf_rmsuon.AdaRMSuon([{"params": fresh, "track": "adamw"}], lr=1e-2, weight_decay=0.1)
+    opt2.load_state_dict(sd)
+    for g in (*opt2.param_groups, *torch_opt.param_groups):
+        g["lr"] = 0.0  # lr 0: the moments still advance, the parameters do not move
+    for p, q, r in zip(fresh, ref, ours):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        r.grad = None
+    before = [p.detach().clone() for p in fresh]
+    opt2.step()
+    torch_opt.step()
+    for p, b, q in zip(fresh, before, ref):
+        assert torch.equal(p, b)
+        torch.testing.assert_close(opt2.state[p]["exp_avg"], torch_opt.state[q]["exp_avg"])
+    assert opt2.state[fresh[0]]["step"] == 3
+
+
+def test_adamw_track_takes_foreach_where_fused_does_not_apply(monkeypatch):
+    """bf16 parameters with float32 moments (state_dtype auto) and β rounding to 1 in float32 use foreach."""
+    calls = []
+    monkeypatch.setattr(F, "fused_adamw_", lambda *a, **k: calls.append(1))
+    ours, ref, opt, _ = _adamw_pair(dtype=torch.bfloat16)
+    _set_grads(ours, ref, 0)
+    opt.step()
+    assert not calls and opt.state[ours[0]]["exp_avg"].dtype == torch.float32
+    p = torch.zeros(4, 4)
+    moments = [torch.zeros(4, 4)]
+    assert F.fused_adamw_applicable([p], [p.clone()], moments, moments, (0.9, 0.999))
+    assert not F.fused_adamw_applicable([p], [p.clone()], moments, moments, (0.9, 1.0 - 1e-9))
+    assert not F.fused_adamw_applicable([p], [p.clone().mT], moments, moments, (0.9, 0.999))  # layout
+    assert not F.fused_adamw_applicable([p], [p.double()], moments, moments, (0.9, 0.999))  # dtype
