@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install test test-all demo bench bench-quick lint clean
+.PHONY: install test test-all demo bench bench-quick bench-scale bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --setting quick
+
+# Qwen3-0.6B shapes, 2 layers, vs torch/pytorch-optimizer Muon (~15-30 min on 2 cores) → benchmarks/results/scale.json
+bench-scale: $(STAMP)
+	$(PY) -m pip install -q pytorch-optimizer || echo "pytorch-optimizer not installed: its rows are skipped"
+	$(PY) -m benchmarks.scale --setting quick
+	$(PY) -m benchmarks.run --setting full --only report
+
+# on a CUDA machine (< 10 min): the scale benchmark in bf16 and fp32 NS, and pytest -m gpu
+bench-gpu: $(STAMP)
+	PY=$(PY) bash benchmarks/gpu.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check hf_rmsuon recipes tests benchmarks

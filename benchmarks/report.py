@@ -28,7 +28,7 @@ FAMILY_GROK = ("muon", "muon (match_rms_adamw)", "rmsuon", "ada_rmsuon", "ars", 
 
 def load(paths: common.Paths) -> dict[str, Any]:
     data = {}
-    for name in ("cost", "grokking", "wt2", "reference"):
+    for name in ("cost", "grokking", "wt2", "reference", "scale"):
         path = paths.result(name)
         if path.is_file():
             data[name] = common.read_json(path)
@@ -897,6 +897,10 @@ def build(setting: str, paths: common.Paths) -> Path:
         from .reference import section
 
         lines += section(data["reference"])
+    if "scale" in data:  # benchmarks/scale.py: Qwen3-0.6B shapes (and benchmarks/gpu.sh's CUDA runs)
+        from . import scale
+
+        lines += scale.section(data["scale"], scale.gpu_results(paths.results))
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     common.log(f"report: {paths.report} ({len(files)} plots in {paths.plots})")

@@ -22,13 +22,15 @@ import time
 from . import common
 
 BENCHMARKS = ("cost", "grokking", "wt2")
+#: parts run only when named in --only (``scale``: Qwen3-0.6B shapes, ~15-30 min; also ``make bench-scale``)
+EXTRA = ("scale",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=common.SETTINGS, default="quick")
     p.add_argument("--only", default=",".join(BENCHMARKS),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)},report")
+                   help=f"comma-separated subset of {','.join(BENCHMARKS + EXTRA)},report")
     p.add_argument("--out", default=None,
                    help="output folder (default: the repository for full, runs/bench-quick for quick)")
     p.add_argument("--data_dir", default=None,
@@ -38,9 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - {*BENCHMARKS, "report"}
+    unknown = set(args.only) - {*BENCHMARKS, *EXTRA, "report"}
     if unknown:
-        p.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}, report")
+        p.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(BENCHMARKS + EXTRA)}, report")
     return args
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     common.log(f"setting {args.setting}: results → {paths.results}, plots → {paths.plots}, report → {paths.report}")
     from . import report
 
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + EXTRA:
         if name not in args.only:
             continue
         t0 = time.perf_counter()

@@ -1,0 +1,781 @@
+"""Scale benchmark: the optimizer step at the Qwen3-0.6B layer shapes, against peers, in one process.
+
+Model: Qwen3-0.6B's shapes (hidden 1024, MLP 3072, 16×128 query heads, 8 KV heads, vocab 151,936,
+tied embedding) with ``--layers`` layers (default 2: 187 M parameters, 31 M on the matrix track).
+
+* **optimizer step** (gradients preset, ``step()`` timed alone): torch AdamW (foreach, fused),
+  torch.optim.Muon + AdamW with Newton–Schulz in bf16 (as shipped) and in fp32, pytorch-optimizer's
+  Muon and AdaMuon likewise (when ``pytorch_optimizer`` is installed; rows skipped otherwise), and
+  every family member (``ns_dtype`` from ``--ns_dtype``), plus ``muon`` with the standard iteration
+  only (the Gram iteration's gain). bf16 rows are not timed where bf16 matmul is emulated (a CPU
+  without AVX512-BF16/AMX): the bf16/fp32 ratio of one 1024×1024 NS is recorded instead.
+  Rounds are interleaved (A, B, C, A, …, the start rotating) after a warm-up; medians and paired
+  ratios are reported. All contenders step the *same* parameters (one model), and after its first
+  step each contender's AdamW-track moments are replaced by one shared set: ~1.2 GB per contender
+  at these shapes would not fit otherwise. The arithmetic per step is unchanged (the values are
+  meaningless, and not read).
+* **limit**: standard-NS FLOPs of the matrix track / step time, ÷ the matmul throughput measured in
+  the same process (1024×1024 @ 1024×3072 in the NS dtype). Above 100% is possible with the Gram
+  iteration, which needs fewer FLOPs.
+* **AdamW track**: our AdamW track alone (its params only) vs ``torch._fused_adamw_`` (torch AdamW
+  ``fused=True``) and foreach on the same tensors.
+* **host syncs**: calls of ``Tensor.item/__bool__/__float__/__int__/__index__/tolist/cpu/numpy``
+  during one steady-state ``step()`` per contender (the last timed round), by patching; on CUDA
+  also the warnings of ``torch.cuda.set_sync_debug_mode``.
+* **training step** (batch × context random tokens, forward + backward + ``step(closure)``):
+  torch AdamW, ada_rmsuon, ars2_neo k=5 (lazy steps) and k=1.
+
+Timers synchronize CUDA before reading the clock, so the same code is right on a GPU.
+
+    python -m benchmarks.scale --setting quick            # → benchmarks/results/scale.json
+    python -m benchmarks.scale --device cuda --ns_dtype float32 --json benchmarks/results/scale_cuda_fp32.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import math
+import statistics
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import common
+
+NAME = "scale"
+QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16, "num_key_value_heads": 8,
+             "head_dim": 128, "vocab_size": 151936}
+TINY = {"hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "vocab_size": 512}
+
+
+@dataclass(frozen=True)
+class ScaleSetting:
+    layers: int
+    opt_rounds: int
+    opt_warmup: int
+    train_rounds: int  # timed training steps per contender (≥ 4: ars2_neo k=5 needs lazy steps)
+    train_warmup: int
+    batch: int
+    context: int
+    matmul_reps: int
+    tiny: bool = False  # TINY shapes (tests)
+    only: tuple[str, ...] = ()  # optimizer-step contenders to run (labels; empty: all)
+
+
+SETTINGS = {
+    "quick": ScaleSetting(layers=2, opt_rounds=3, opt_warmup=1, train_rounds=4, train_warmup=1, batch=2,
+                          context=128, matmul_reps=5),
+    "full": ScaleSetting(layers=2, opt_rounds=10, opt_warmup=2, train_rounds=9, train_warmup=1, batch=2,
+                         context=128, matmul_reps=20),
+    "tiny": ScaleSetting(layers=1, opt_rounds=2, opt_warmup=1, train_rounds=4, train_warmup=1, batch=1,
+                         context=8, matmul_reps=2, tiny=True),
+}
+
+MEMBERS = [("muon", {}), ("pure_ns_muon", {}), ("adamuon", {}), ("rmsuon", {}), ("ada_rmsuon", {}),
+           ("f_ada_rmsuon", {}), ("ars", {"k": 1}), ("ars2_neo", {"k": 5})]
+
+
+# --------------------------------------------------------------------------------------------------
+# timing and host-sync counting
+# --------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+
+
+class HostSyncCounter:
+    """Counts calls that read a tensor's value on the host (each a device synchronisation on an
+    accelerator), by patching ``torch.Tensor`` methods while active::
+
+        with HostSyncCounter() as c:
+            opt.step()
+        c.total, c.by_method, c.on_device   # on_device: calls on non-CPU tensors
+
+    Reads made inside C++ kernels are not seen (they are not host reads). On CUDA, ``cuda_sync_debug``
+    also records torch's sync debug mode warnings (every synchronizing CUDA call).
+    """
+
+    def __init__(self, cuda_sync_debug: bool = False) -> None:
+        self.by_method: Counter[str] = Counter()
+        self.on_device = 0
+        self.cuda_warnings = 0
+        self._cuda = cuda_sync_debug and torch.cuda.is_available()
+        self._saved: dict[str, Any] = {}
+        self._depth = 0
+        self._catch: Any = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_method.values())
+
+    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        counter = self
+
+        @functools.wraps(original)
+        def wrapper(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if counter._depth == 0:  # count the outermost call only (e.g. __int__ → item)
+                counter.by_method[name] += 1
+                if t.device.type != "cpu":
+                    counter.on_device += 1
+            counter._depth += 1
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                counter._depth -= 1
+
+        return wrapper
+
+    def __enter__(self) -> HostSyncCounter:
+        for name in SYNC_METHODS:
+            self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from TensorBase
+            setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        if self._cuda:
+            self._catch = warnings.catch_warnings(record=True)
+            self._records = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in self._saved.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+        self._saved.clear()
+        if self._cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            self.cuda_warnings = sum("synchroniz" in str(w.message) for w in self._records)
+            self._catch.__exit__(*exc)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"total": self.total, "on_device": self.on_device,
+                               "by_method": dict(sorted(self.by_method.items()))}
+        if self._cuda:
+            out["cuda_sync_warnings"] = self.cuda_warnings
+        return out
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, reps: int, tiny: bool) -> dict[str, Any]:
+    """Throughput of one ``(m×k) @ (k×n)`` matmul of the NS shapes (best of ``reps``)."""
+    m, k, n = (64, 64, 192) if tiny else (1024, 1024, 3072)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(reps))
+    return {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "seconds": best,
+            "gflops": 2 * m * k * n / best / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------
+# model and contenders
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(layers: int, tiny: bool, device: torch.device, seed: int = 0) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shapes = TINY if tiny else QWEN3_06B
+    config = Qwen3Config(**shapes, num_hidden_layers=layers, tie_word_embeddings=True, use_cache=False,
+                         max_position_embeddings=512)
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).to(device)
+
+
+def split_tracks(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(matrix-track, AdamW-track) parameters with the family's model-aware routing."""
+    import hf_rmsuon
+
+    report = hf_rmsuon.route_model(model)
+    params = dict(model.named_parameters())
+    return ([params[e.name] for e in report.entries if e.track == "matrix"],
+            [params[e.name] for e in report.entries if e.track != "matrix"])
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    from hf_rmsuon import functional as F
+
+    return device.type != "cpu" or F._cpu_has_native_bf16()
+
+
+def _torch_ns_fp32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
+    """torch.optim.Muon's Newton–Schulz with the iteration in float32 instead of bfloat16."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
+@contextlib.contextmanager
+def ns_fp32_patch(kind: str) -> Iterator[None]:
+    """Run a peer's Newton–Schulz in float32 (both ship it in bfloat16)."""
+    if kind == "torch":
+        import torch.optim._muon as mod
+
+        saved = {"_zeropower_via_newtonschulz": mod._zeropower_via_newtonschulz}
+        mod._zeropower_via_newtonschulz = _torch_ns_fp32
+        mods = [mod]
+    else:
+        import pytorch_optimizer.optimizer.muon.adamuon as ada
+        import pytorch_optimizer.optimizer.muon.base as base
+
+        mods = [base, ada]
+        saved = {"zero_power_via_newton_schulz_5": base.zero_power_via_newton_schulz_5}
+        for mod in mods:
+            mod.zero_power_via_newton_schulz_5 = functools.partial(saved["zero_power_via_newton_schulz_5"],
+                                                                   dtype=torch.float32)
+    try:
+        yield
+    finally:
+        for mod in mods:
+            for name, fn in saved.items():
+                if hasattr(mod, name):
+                    setattr(mod, name, fn)
+
+
+@contextlib.contextmanager
+def standard_ns_only() -> Iterator[None]:
+    """The family's Newton–Schulz without the Gram iteration (the old kernel)."""
+    from hf_rmsuon import functional as F
+
+    saved = F.ns_method
+    F.ns_method = lambda *args, **kwargs: "standard"
+    try:
+        yield
+    finally:
+        F.ns_method = saved
+
+
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    kind: str  # torch_adamw, torch_adamw_fused, torch_muon, ptopt_muon, ptopt_adamuon, member
+    optim: str = ""  # registry name for members
+    hp: tuple[tuple[str, Any], ...] = ()
+    ns: str = "bf16"  # peers: bf16 (as shipped) or fp32; members: --ns_dtype
+    standard_ns: bool = False
+    params: str = "all"  # all, or adamw (the AdamW-track params only)
+
+
+def optimizer_contenders(ns_dtype: str) -> list[Contender]:
+    out = [Contender("torch AdamW (foreach)", "torch_adamw"), Contender("torch AdamW (fused)", "torch_adamw_fused")]
+    for ns in ("bf16", "fp32"):
+        out.append(Contender(f"torch Muon + AdamW (NS {ns}{', as shipped' if ns == 'bf16' else ''})", "torch_muon",
+                             ns=ns))
+    for kind, name in (("ptopt_muon", "Muon"), ("ptopt_adamuon", "AdaMuon")):
+        for ns in ("bf16", "fp32"):
+            out.append(Contender(f"pytorch-optimizer {name} (NS {ns}{', as shipped' if ns == 'bf16' else ''})",
+                                 kind, ns=ns))
+    tag = "" if ns_dtype == "auto" else f", NS {ns_dtype}"
+    for name, hp in MEMBERS:
+        extra = ", ".join(f"{k}={v}" for k, v in hp.items())
+        label = name + (f" ({extra}{tag})" if extra else f" ({tag[2:]})" if tag else "")
+        out.append(Contender(label, "member", name, tuple(hp.items()), ns=ns_dtype))
+    out.append(Contender(f"muon (standard NS only{tag})", "member", "muon", ns=ns_dtype, standard_ns=True))
+    return out
+
+
+class Stepper:
+    """One contender's optimizer(s) on the shared model, and how one step is taken."""
+
+    def __init__(self, c: Contender, model: nn.Module, lr: float = 1e-3):
+        import hf_rmsuon
+
+        self.c = c
+        self.model = model
+        matrix, rest = split_tracks(model)
+        self.params = rest if c.params == "adamw" else [p for p in model.parameters() if p.requires_grad]
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if c.kind in ("torch_adamw", "torch_adamw_fused"):
+            fused = c.kind.endswith("fused")
+            self.optimizers.append(torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01,
+                                                     foreach=not fused, fused=fused or None))
+        elif c.kind == "torch_muon":
+            self.optimizers.append(torch.optim.Muon(matrix, lr=lr, weight_decay=0.1))
+            self.optimizers.append(torch.optim.AdamW(rest, lr=lr, weight_decay=0.01, foreach=True))
+        elif c.kind in ("ptopt_muon", "ptopt_adamuon"):
+            import pytorch_optimizer
+
+            cls = pytorch_optimizer.Muon if c.kind == "ptopt_muon" else pytorch_optimizer.AdaMuon
+            self.optimizers.append(cls([{"params": matrix, "use_muon": True},
+                                        {"params": rest, "use_muon": False}], lr=lr, adamw_lr=lr))
+        elif c.params == "adamw":
+            self.optimizers.append(hf_rmsuon.AdaRMSuon([{"params": rest, "track": "adamw"}], lr=lr))
+        else:
+            hp = dict(c.hp)
+            if c.ns != "auto":
+                hp["ns_dtype"] = c.ns
+            self.optimizers.append(hf_rmsuon.create_optimizer(c.optim, model, lr=lr, **hp))
+        self.sam = getattr(self.optimizers[0], "sharpness_aware", False)
+        self.shared = False
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.optimizers[0]
+
+    def context(self) -> contextlib.AbstractContextManager:
+        if self.c.kind in ("torch_muon", "ptopt_muon", "ptopt_adamuon") and self.c.ns == "fp32":
+            return ns_fp32_patch("torch" if self.c.kind == "torch_muon" else "ptopt")
+        if self.c.standard_ns:
+            return standard_ns_only()
+        return contextlib.nullcontext()
+
+    def prepare(self, grads: dict[int, Tensor], adv_grads: dict[int, Tensor]) -> tuple[str, float]:
+        """Point the gradients at the preset ones (SAM members: copies, since their pass writes
+        ``p.grad``); a SAM sync step gets its recorded second pass here. Returns the step kind and
+        the seconds of the SAM bookkeeping (perturb + restore)."""
+        for p in self.model.parameters():
+            p.grad = None
+        for p in self.params:
+            p.grad = grads[id(p)].clone() if self.sam else grads[id(p)]
+        if not self.sam:
+            return "update", 0.0
+        opt = self.opt
+        if not opt.sam_pass_due():
+            return "lazy", 0.0
+        device = self.params[0].device
+
+        def sam_pass() -> None:
+            opt.begin_sam_pass()
+            for p in self.params:
+                p.grad.copy_(adv_grads[id(p)])
+            opt.end_sam_pass()
+
+        return "sync", timed(sam_pass, device)
+
+    def step(self) -> None:
+        with self.context():
+            for opt in self.optimizers:
+                opt.step()
+
+    def share_state(self, pool: dict[int, dict[str, Tensor]]) -> None:
+        """After the first step: AdamW-track moments of the large tensors come from one shared pool."""
+        if self.shared:
+            return
+        for opt in self.optimizers:
+            for p, st in opt.state.items():
+                if p.numel() < 1_000_000:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = st.get(key)
+                    if not isinstance(value, Tensor) or value.shape != p.shape:
+                        continue
+                    mine = pool.setdefault(id(p), {})
+                    if key not in mine and value.dtype == torch.float32:
+                        mine[key] = value
+                    elif key in mine and mine[key].dtype == value.dtype:
+                        st[key] = mine[key]
+        self.shared = True
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    qs = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(values), "q1_ms": 1e3 * qs[0], "q3_ms": 1e3 * qs[2],
+            "min_ms": 1e3 * min(values), "n": len(values)}
+
+
+def interleaved(names: list[str], rounds: int, warmup: int, body: Callable[[str, int], dict[str, Any]]
+                ) -> dict[str, list[dict[str, Any]]]:
+    """``body(name, round)`` for every name, ``warmup + rounds`` rounds, round-robin with the start
+    rotating; the timed samples (after warm-up) per name."""
+    samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(warmup + rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                sample = body(name, r - warmup)
+                if r >= warmup:
+                    samples[name].append({**sample, "round": r - warmup})
+            common.log(f"scale: round {r + 1}/{warmup + rounds} done")
+    finally:
+        gc.enable()
+    return samples
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], kind: str | None = None) -> float | None:
+    """Median over rounds of a's time / b's time in the same round."""
+    tb = {s["round"]: s["wall"] for s in b}
+    ratios = [s["wall"] / tb[s["round"]] for s in a
+              if s["round"] in tb and tb[s["round"]] > 0 and (kind is None or s["kind"] == kind)]
+    return statistics.median(ratios) if ratios else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def preset_gradients(params: list[Tensor], seed: int) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    g = torch.Generator(device=params[0].device).manual_seed(seed)
+    grads = {id(p): torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-2 for p in params}
+    adv = {k: v + 0.5e-2 * torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) for k, v in grads.items()}
+    return grads, adv
+
+
+def bf16_ns_slowdown(device: torch.device) -> dict[str, Any]:
+    """bf16 vs fp32 time of torch Muon's own NS on one 1024×1024 matrix (where bf16 rows are not timed)."""
+    import torch.optim._muon as mod
+
+    x = torch.randn(1024, 1024, device=device)
+    coeffs = (3.4445, -4.7750, 2.0315)
+    t32 = min(timed(lambda: _torch_ns_fp32(x, coeffs, 5, 1e-7), device) for _ in range(2))
+    t16 = timed(lambda: mod._zeropower_via_newtonschulz(x, coeffs, 5, 1e-7), device)
+    return {"shape": [1024, 1024], "fp32_s": t32, "bf16_s": t16, "bf16_over_fp32": t16 / t32}
+
+
+def bench_optimizer_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
+    from hf_rmsuon import functional as F
+
+    model = build_model(cfg.layers, cfg.tiny, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrix, rest = split_tracks(model)
+    grads, adv = preset_gradients(params, 1)
+    skipped: dict[str, str] = {}
+    native_bf16 = bf16_is_native(device)
+    try:
+        import pytorch_optimizer  # noqa: F401
+
+        have_ptopt = True
+    except ImportError:
+        have_ptopt = False
+    steppers: dict[str, Stepper] = {}
+    for c in optimizer_contenders(ns_dtype):
+        if cfg.only and c.label not in cfg.only:
+            continue
+        if c.kind.startswith("ptopt") and not have_ptopt:
+            skipped[c.label] = "pytorch_optimizer is not installed (pip install pytorch-optimizer)"
+            continue
+        if c.kind in ("torch_muon", "ptopt_muon", "ptopt_adamuon") and c.ns == "bf16" and not native_bf16:
+            skipped[c.label] = "bf16 matmul is emulated on this CPU (see bf16_ns_slowdown)"
+            continue
+        steppers[c.label] = Stepper(c, model)
+    pool: dict[int, dict[str, Tensor]] = {}
+    counts: dict[str, list[dict[str, Any]]] = {n: [] for n in steppers}
+    last_round = cfg.opt_rounds - 1
+
+    def body(name: str, r: int) -> dict[str, Any]:
+        st = steppers[name]
+        kind, bookkeeping = st.prepare(grads, adv)
+        if r == last_round:
+            with HostSyncCounter(cuda_sync_debug=device.type == "cuda") as counter:
+                wall = timed(st.step, device)
+            counts[name].append({"kind": kind, **counter.as_dict()})
+        else:
+            wall = timed(st.step, device)
+        st.share_state(pool)  # the replaced moments are freed here (no reference cycles)
+        return {"kind": kind, "wall": wall, "sam_pass_s": bookkeeping}
+
+    samples = interleaved(list(steppers), cfg.opt_rounds, cfg.opt_warmup, body)
+    ns_std = sum(F.ns_flops(*F.matrix_shape(p.shape, "matrix"), 5, "standard") for p in matrix)
+    ns_gram = sum(F.ns_flops(*F.matrix_shape(p.shape, "matrix"), 5,
+                             F.ns_method(*F.matrix_shape(p.shape, "matrix"), 5, torch.float32)) for p in matrix)
+    rows = {}
+    for name, st in steppers.items():
+        ss = samples[name]
+        row: dict[str, Any] = {"kind": st.c.kind, "optim": st.c.optim, "hp": dict(st.c.hp), "ns": st.c.ns,
+                               "wall": _stats([s["wall"] for s in ss]), "samples": ss, "host_syncs": counts[name]}
+        for kind in sorted({s["kind"] for s in ss}):
+            row[f"wall_{kind}"] = _stats([s["wall"] for s in ss if s["kind"] == kind])
+        passes = [s["sam_pass_s"] for s in ss if s["kind"] == "sync"]
+        if passes:
+            row["sam_pass_bookkeeping"] = _stats(passes)
+        rows[name] = row
+    return {"rows": rows, "skipped": skipped, "n_params": sum(p.numel() for p in params),
+            "matrix_params": sum(p.numel() for p in matrix), "adamw_params": sum(p.numel() for p in rest),
+            "ns_flops_standard": ns_std, "ns_flops_chosen_fp32": ns_gram,
+            "matrix_shapes": sorted({str(tuple(p.shape)) for p in matrix})}
+
+
+def bench_adamw_track(cfg: ScaleSetting, device: torch.device) -> dict[str, Any]:
+    model = build_model(cfg.layers, cfg.tiny, device)
+    _, rest = split_tracks(model)
+    grads, adv = preset_gradients(rest, 2)
+    contenders = [Contender("hf_rmsuon AdamW track", "member", params="adamw"),
+                  Contender("torch AdamW (fused)", "torch_adamw_fused", params="adamw"),
+                  Contender("torch AdamW (foreach)", "torch_adamw", params="adamw")]
+    steppers = {c.label: Stepper(c, model) for c in contenders}
+
+    def body(name: str, r: int) -> dict[str, Any]:
+        st = steppers[name]
+        st.prepare(grads, adv)
+        return {"kind": "update", "wall": timed(st.step, device)}
+
+    samples = interleaved(list(steppers), max(3, 2 * cfg.opt_rounds), 1, body)
+    rows = {n: {"wall": _stats([s["wall"] for s in ss]), "samples": ss} for n, ss in samples.items()}
+    return {"rows": rows, "params": sum(p.numel() for p in rest), "shapes": sorted({str(tuple(p.shape)) for p in rest})}
+
+
+def bench_training_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
+    import hf_rmsuon
+
+    model = build_model(cfg.layers, cfg.tiny, device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, vocab, (cfg.batch, cfg.context), generator=g).to(device) for _ in range(4)]
+    hp = {} if ns_dtype == "auto" else {"ns_dtype": ns_dtype}
+    opts: dict[str, torch.optim.Optimizer] = {
+        "torch AdamW (foreach)": torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=True),
+        "ada_rmsuon": hf_rmsuon.create_optimizer("ada_rmsuon", model, lr=1e-4, **hp),
+        "ars2_neo (k=5, Lazy)": hf_rmsuon.create_optimizer("ars2_neo", model, lr=1e-4, k=5, **hp),
+        "ars2_neo (k=1)": hf_rmsuon.create_optimizer("ars2_neo", model, lr=1e-4, k=1, **hp),
+    }
+    holders = {n: Stepper.__new__(Stepper) for n in opts}
+    for n, h in holders.items():
+        h.shared, h.optimizers = False, [opts[n]]
+    pool: dict[int, dict[str, Tensor]] = {}
+    counter = Counter()
+
+    def body(name: str, r: int) -> dict[str, Any]:
+        opt = opts[name]
+        batch = batches[counter[name] % len(batches)]
+        counter[name] += 1
+        before = opt.sam["syncs"] if hasattr(opt, "sam") else 0
+
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            return loss
+
+        def one() -> None:
+            opt.step(closure)
+            model.zero_grad(set_to_none=True)
+
+        wall = timed(one, device)
+        holders[name].share_state(pool)
+        kind = ("sync" if opt.sam["syncs"] > before else "lazy") if hasattr(opt, "sam") else "plain"
+        return {"kind": kind, "wall": wall}
+
+    samples = interleaved(list(opts), cfg.train_rounds, cfg.train_warmup, body)
+    rows = {}
+    for name, ss in samples.items():
+        row = {"wall": _stats([s["wall"] for s in ss]), "samples": ss}
+        for kind in sorted({s["kind"] for s in ss}):
+            row[f"wall_{kind}"] = _stats([s["wall"] for s in ss if s["kind"] == kind])
+        rows[name] = row
+    return {"rows": rows, "batch": cfg.batch, "context": cfg.context, "tokens": "random"}
+
+
+# --------------------------------------------------------------------------------------------------
+# summary, run, report section
+# --------------------------------------------------------------------------------------------------
+
+
+def _med(row: dict[str, Any], kind: str | None = None) -> float:
+    return row[f"wall_{kind}" if kind else "wall"]["median_ms"]
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    opt = result["optimizer_step"]
+    rows = opt["rows"]
+    gflops = result["matmul"]["gflops"]
+    torch_fp32 = next((n for n in rows if n.startswith("torch Muon") and "fp32" in n), None)
+    muon = next((n for n in rows if n.startswith("muon") and "standard" not in n), None)
+    table = {}
+    for name, row in rows.items():
+        entry: dict[str, Any] = {"median_ms": _med(row)}
+        if torch_fp32:
+            entry["vs_torch_muon_fp32"] = _med(row) / _med(rows[torch_fp32])
+            entry["paired_vs_torch_muon_fp32"] = paired(row["samples"], rows[torch_fp32]["samples"])
+        if muon:
+            entry["paired_vs_muon"] = paired(row["samples"], rows[muon]["samples"])
+        if row["kind"] not in ("torch_adamw", "torch_adamw_fused"):
+            kind = "lazy" if "wall_lazy" in row else None
+            seconds = _med(row, kind) / 1e3
+            entry["effective_gflops"] = opt["ns_flops_standard"] / seconds / 1e9
+            entry["limit_fraction"] = entry["effective_gflops"] / gflops
+        syncs = row.get("host_syncs") or []
+        entry["host_syncs"] = {s["kind"]: s["total"] for s in syncs}
+        if "sam_pass_bookkeeping" in row:
+            entry["sam_bookkeeping_vs_step"] = row["sam_pass_bookkeeping"]["median_ms"] / _med(row, "sync")
+        table[name] = entry
+    adamw = result["adamw_track"]["rows"]
+    track = {"ours_vs_fused": _med(adamw["hf_rmsuon AdamW track"]) / _med(adamw["torch AdamW (fused)"]),
+             "paired_ours_vs_fused": paired(adamw["hf_rmsuon AdamW track"]["samples"],
+                                            adamw["torch AdamW (fused)"]["samples"]),
+             "foreach_vs_fused": _med(adamw["torch AdamW (foreach)"]) / _med(adamw["torch AdamW (fused)"])}
+    train = result["training_step"]["rows"]
+    ada = train["ada_rmsuon"]
+    k5, k1 = train["ars2_neo (k=5, Lazy)"], train["ars2_neo (k=1)"]
+    training = {
+        "ada_rmsuon_vs_adamw": _med(ada) / _med(train["torch AdamW (foreach)"]),
+        "lazy_vs_ada_rmsuon": (_med(k5, "lazy") / _med(ada)) if "wall_lazy" in k5 else None,
+        "paired_lazy_vs_ada_rmsuon": paired(k5["samples"], ada["samples"], "lazy"),
+        "k1_vs_ada_rmsuon": _med(k1) / _med(ada),
+        "paired_k1_vs_ada_rmsuon": paired(k1["samples"], ada["samples"]),
+    }
+    return {"optimizer_step": table, "adamw_track": track, "training_step": training}
+
+
+def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path: Path,
+              setting: str = "custom") -> dict[str, Any]:
+    torch.set_num_threads(1) if device.type == "cpu" else None
+    start = time.perf_counter()
+    compute = torch.float32 if ns_dtype == "float32" or (ns_dtype == "auto" and device.type == "cpu"
+                                                         and not bf16_is_native(device)) else torch.bfloat16
+    result: dict[str, Any] = {"benchmark": NAME, "setting": setting, "config": asdict(cfg), "device": str(device),
+                              "ns_dtype": ns_dtype, "ns_compute_dtype": str(compute).replace("torch.", ""),
+                              "shapes": TINY if cfg.tiny else QWEN3_06B, "environment": common.environment()}
+    if device.type == "cuda":
+        result["environment"]["gpu"] = torch.cuda.get_device_name(device)
+    common.log(f"scale ({setting}): {cfg.layers} layer(s) on {device}, NS {ns_dtype} → {json_path}")
+    result["matmul"] = matmul_gflops(device, compute, cfg.matmul_reps, cfg.tiny)
+    common.log(f"scale: matmul {result['matmul']['gflops']:.1f} GFLOP/s ({result['matmul']['dtype']})")
+    if not bf16_is_native(device) and not cfg.tiny:
+        result["bf16_ns_slowdown"] = bf16_ns_slowdown(device)
+    result["optimizer_step"] = bench_optimizer_step(cfg, device, ns_dtype)
+    result["adamw_track"] = bench_adamw_track(cfg, device)
+    result["training_step"] = bench_training_step(cfg, device, ns_dtype)
+    result["summary"] = summarize(result)
+    result["seconds"] = time.perf_counter() - start
+    result["environment_end"] = {"load_average": common.environment()["load_average"]}
+    common.write_json(json_path, result)
+    common.log(f"scale: done in {result['seconds']:.0f}s → {json_path}")
+    return result
+
+
+def run(setting: str, paths: common.Paths, **_: Any) -> dict[str, Any]:
+    """The ``scale`` part of ``benchmarks.run`` (CPU, NS dtype auto; quick at 2 layers)."""
+    cfg = SETTINGS[setting]
+    return run_scale(cfg, torch.device("cpu"), "auto", paths.result(NAME), setting)
+
+
+def gpu_results(results: Path) -> list[dict[str, Any]]:
+    """The CUDA runs of ``benchmarks/gpu.sh`` recorded beside ``scale.json`` (``scale_cuda_*.json``)."""
+    return [common.read_json(p) for p in sorted(Path(results).glob("scale_cuda_*.json"))]
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> list[str]:
+    """The BENCHMARKS.md section (``benchmarks.report`` calls it)."""
+    s = summarize(data)
+    env, cfg, opt = data["environment"], data["config"], data["optimizer_step"]
+    layers = cfg["layers"]
+    out = ["## Scale: Qwen3-0.6B shapes", "",
+           f"`make bench-scale` (`python -m benchmarks.scale --setting {data['setting']}`), one process, "
+           f"{env.get('torch_threads', 1)} thread, on **{env['cpu_model']}** (flags: "
+           f"{', '.join(env['cpu_flags']) or 'none of avx2/avx512/amx'}; bf16 matmul "
+           f"{'native' if any(f in env['cpu_flags'] for f in ('avx512_bf16', 'amx_bf16')) else 'emulated'}), "
+           f"device {data['device']}, {data['environment']['date']}, git {env['hf_rmsuon_git']}"
+           f"{' (+ uncommitted changes)' if env['hf_rmsuon_dirty'] else ''}. Shapes: hidden "
+           f"{data['shapes']['hidden_size']}, MLP {data['shapes']['intermediate_size']}, "
+           f"{data['shapes']['num_attention_heads']}×{data['shapes']['head_dim']} query heads, "
+           f"{data['shapes']['num_key_value_heads']} KV heads, vocab {data['shapes']['vocab_size']:,}, tied; "
+           f"**{layers} layer{'s' if layers > 1 else ''}** ({opt['n_params'] / 1e6:.0f} M parameters, "
+           f"{opt['matrix_params'] / 1e6:.1f} M on the matrix track). {cfg['opt_rounds']} timed rounds after "
+           f"{cfg['opt_warmup']} warm-up, interleaved; medians (and the median of per-round ratios, "
+           "\"paired\"). Shared 2-core machine: ratios, not absolute times, are the result.", "",
+           f"Matmul throughput in this process ({data['matmul']['dtype']}, "
+           f"{'×'.join(map(str, data['matmul']['shape']))}): **{data['matmul']['gflops']:.1f} GFLOP/s**. "
+           f"The matrix track's standard Newton–Schulz is {opt['ns_flops_standard'] / 1e9:.0f} GFLOP per step; "
+           f"with the Gram iteration where it is chosen (fp32) {opt['ns_flops_chosen_fp32'] / 1e9:.0f} GFLOP. "
+           "\"limit\" = standard-NS FLOPs / step time ÷ matmul throughput (the Gram iteration can pass 100%).",
+           ""]
+    head = ["optimizer step (gradients preset)", "median s", "× torch Muon (NS fp32)", "paired", "limit",
+            "host reads / step"]
+    rows = []
+    for name, e in s["optimizer_step"].items():
+        syncs = ", ".join(f"{k} {v}" for k, v in e["host_syncs"].items()) or "—"
+        rows.append([name, _f(e["median_ms"] / 1e3), _f(e.get("vs_torch_muon_fp32")),
+                     _f(e.get("paired_vs_torch_muon_fp32")),
+                     f"{100 * e['limit_fraction']:.0f}%" if "limit_fraction" in e else "—", syncs])
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    for label, why in opt["skipped"].items():
+        out.append(f"| {label} | not timed: {why} | | | | |")
+    out.append("")
+    if "bf16_ns_slowdown" in data:
+        b = data["bf16_ns_slowdown"]
+        out += [f"bf16 Newton–Schulz on this CPU (torch Muon's own kernel, one 1024×1024): {b['bf16_s']:.2f} s vs "
+                f"{b['fp32_s']:.2f} s in fp32 (**{b['bf16_over_fp32']:.0f}×**), so the bf16 (as shipped) rows would "
+                f"take ~{b['bf16_over_fp32']:.0f}× their fp32 rows' Newton–Schulz time; `ns_dtype=\"auto\"` picks "
+                "fp32 here.", ""]
+    sam = [(n, e["sam_bookkeeping_vs_step"]) for n, e in s["optimizer_step"].items() if "sam_bookkeeping_vs_step" in e]
+    out += ["Host reads: calls of `Tensor.item/__bool__/__float__/__int__/__index__/tolist/cpu/numpy` during one "
+            "steady-state `step()` (last timed round) by kind of step, as the code is today (on CUDA each is a "
+            "device synchronisation; torch AdamW's count comes from its CPU step tensors)."]
+    if sam:
+        out += ["SAM sync-step bookkeeping (begin/end of the recorded second pass: perturb, copy, restore) ÷ the "
+                "sync step: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in sam) + "."]
+    tr = s["adamw_track"]
+    ad = data["adamw_track"]
+    out += ["", f"**AdamW track alone** ({ad['params'] / 1e6:.0f} M parameters: embedding + norms): ours "
+            f"{_f(tr['ours_vs_fused'])}× torch fused AdamW (paired {_f(tr['paired_ours_vs_fused'])}), torch foreach "
+            f"{_f(tr['foreach_vs_fused'])}× fused. Ours includes the step's finiteness check (one more read of "
+            "the gradients).", ""]
+    t = s["training_step"]
+    trs = data["training_step"]
+    out += [f"**Training step** (forward + backward + `step(closure)`, batch {trs['batch']}×{trs['context']} "
+            f"random tokens, {cfg['train_rounds']} timed steps each after {cfg['train_warmup']}): ada_rmsuon "
+            f"{_f(t['ada_rmsuon_vs_adamw'])}× torch AdamW; ars2_neo lazy step {_f(t['lazy_vs_ada_rmsuon'])}× "
+            f"ada_rmsuon (paired {_f(t['paired_lazy_vs_ada_rmsuon'])}); ars2_neo k=1 "
+            f"{_f(t['k1_vs_ada_rmsuon'])}× (paired {_f(t['paired_k1_vs_ada_rmsuon'])}).", ""]
+    out += ["### Scale on a GPU", ""]
+    if gpu:
+        for g in gpu:
+            gs = summarize(g)
+            out.append(f"- {g['environment'].get('gpu', 'GPU')}, NS {g['ns_dtype']}: " + "; ".join(
+                f"{n} {_f(e['median_ms'] / 1e3, 3)} s ({_f(e.get('vs_torch_muon_fp32'))}×)"
+                for n, e in gs["optimizer_step"].items()))
+    else:
+        out.append("Not run — no GPU was available in this session. `benchmarks/gpu.sh` (`make bench-gpu`) runs "
+                   "this benchmark on CUDA in bf16 and fp32 NS and the GPU-marked tests, and records the card.")
+    return out + [""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="scale benchmark: Qwen3-0.6B shapes (see the module docstring)")
+    p.add_argument("--setting", choices=list(SETTINGS), default="quick")
+    p.add_argument("--layers", type=int, default=None, help="override the setting's layer count")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ns_dtype", choices=("auto", "bfloat16", "float32"), default="auto")
+    p.add_argument("--json", default=None, help="result file (default benchmarks/results/scale.json on CPU)")
+    args = p.parse_args(argv)
+    cfg = SETTINGS[args.setting]
+    if args.layers is not None:
+        cfg = replace(cfg, layers=args.layers)
+    device = torch.device(args.device)
+    default = f"scale_{device.type}_{args.ns_dtype}.json" if device.type != "cpu" else "scale.json"
+    path = Path(args.json) if args.json else common.REPO / "benchmarks" / "results" / default
+    run_scale(cfg, device, args.ns_dtype, path, args.setting)
+
+
+if __name__ == "__main__":
+    common.run_main_guard(main)
