@@ -305,19 +305,46 @@ def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: list
     return list(whitened)
 
 
-def frobenius_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Per-tensor Frobenius norms as 0-d tensors, computed in float32 (no host sync)."""
+#: Sums a tensor of per-shard partial results across the shards of a sharded (FSDP2) model; the
+#: reductions below take one so that a norm or a dot product is always of the *whole* tensor.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (aliasing it: in-place changes reach the DTensor), else ``t``."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if inner is not None else t
+
+
+def frobenius_norms(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:
+    """Per-tensor Frobenius norms, stacked, in float32 (no host sync). With ``reduce`` the tensors are
+    local shards and the squared partial norms are summed across shards first."""
     if not tensors:
-        return []
-    return list(torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors]))
+        return torch.zeros(0)
+    # float32 accumulation for float32 and lower-precision tensors (float64 ones keep float64)
+    wide = [t for t in tensors if t.dtype == torch.float64]
+    if not wide:
+        norms = torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else
+                                                      torch.float32).to(torch.float64) for t in tensors])
+    return reduce(norms.square()).sqrt() if reduce is not None else norms
 
 
-def global_norm(tensors: list[Tensor]) -> Tensor:
+def dots(a: list[Tensor], b: list[Tensor], reduce: Reduce | None = None) -> Tensor:
+    """Per-pair ``⟨a_i, b_i⟩``, stacked, accumulated in float32 (summed across shards by ``reduce``)."""
+    if not a:
+        return torch.zeros(0)
+    acc = [torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32) for x, y in zip(a, b)]
+    out = torch.stack([torch.vdot(x.flatten().to(d), y.flatten().to(d)) for x, y, d in zip(a, b, acc)])
+    return reduce(out) if reduce is not None else out
+
+
+def global_norm(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:
     """``√Σ‖t‖²`` over all tensors, on the device."""
-    norms = frobenius_norms(tensors)
-    if not norms:
+    if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(frobenius_norms(tensors, reduce))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,13 +352,16 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def energy_scales(directions: list[Tensor], energies: list[Tensor] | Tensor, normalize: bool) -> Tensor:
+def energy_scales(directions: list[Tensor], energies: Tensor | list[Tensor], normalize: bool,
+                  direction_norms: Tensor | None = None) -> Tensor:
     """Per-tensor factors of the energy re-injection: ``E`` (``U = E·O``) or, with ``normalize``,
-    ``E/(‖O‖+1e-10)`` (``U = E·O/‖O‖``) — stacked, so the math is a few whole-vector kernels."""
-    scales = energies if isinstance(energies, Tensor) else torch.stack(list(energies))
+    ``E/(‖O‖+1e-10)`` (``U = E·O/‖O‖``) — stacked, so the math is a few whole-vector kernels.
+    ``direction_norms``: ``‖O‖`` when already known (computed where the whole matrix is)."""
+    energies = energies if isinstance(energies, Tensor) else torch.stack(list(energies))
     if normalize:
-        scales = scales / (torch.stack(frobenius_norms(directions)) + ENERGY_EPS)
-    return scales
+        norms = direction_norms if direction_norms is not None else frobenius_norms(directions)
+        return energies / (norms + ENERGY_EPS)
+    return energies
 
 
 def scale_each(tensors: list[Tensor], scales: Tensor) -> list[Tensor]:
@@ -341,7 +371,7 @@ def scale_each(tensors: list[Tensor], scales: Tensor) -> list[Tensor]:
     return list(torch._foreach_mul(tensors, list(scales.to(tensors[0].dtype).unbind())))
 
 
-def scale_by_energy(directions: list[Tensor], energies: list[Tensor] | Tensor, normalize: bool) -> list[Tensor]:
+def scale_by_energy(directions: list[Tensor], energies: Tensor | list[Tensor], normalize: bool) -> list[Tensor]:
     """Energy re-injection: ``U = E·O`` or, with ``normalize``, ``U = E·O/(‖O‖+1e-10)``."""
     if not directions:
         return []
@@ -349,15 +379,15 @@ def scale_by_energy(directions: list[Tensor], energies: list[Tensor] | Tensor, n
 
 
 def projected_natural_decay(
-    params: list[Tensor], denoms: list[Tensor], directions: list[Tensor], weight_decay: float
+    params: list[Tensor], denoms: list[Tensor], directions: list[Tensor], weight_decay: float,
+    direction_norms: Tensor | None = None, reduce: Reduce | None = None,
 ) -> Tensor:
     """F-AdaRMSuon's projected natural weight decay ``wd·(⟨D,O⟩/‖O‖²)·O`` with ``D = p/(√v̂+ε)`` —
     the Fisher-preconditioned decay kept only along the update direction ``O``. Being a multiple of
     ``O``, it is returned as the per-tensor coefficients ``wd·⟨D,O⟩/‖O‖²``."""
-    fisher_decay = torch._foreach_div(params, denoms)
-    dots = torch.stack([torch.vdot(d.flatten().float(), o.flatten().float()) for d, o in zip(fisher_decay, directions)])
-    squared = torch.stack(frobenius_norms(directions)).square()
-    return weight_decay * dots / (squared + SHEAR_EPS)
+    fisher_decay = list(torch._foreach_div(params, denoms))
+    norms = direction_norms if direction_norms is not None else frobenius_norms(directions, reduce)
+    return weight_decay * dots(fisher_decay, directions, reduce) / (norms.square() + SHEAR_EPS)
 
 
 def elementwise_natural_decay(params: list[Tensor], denoms: list[Tensor], weight_decay: float) -> list[Tensor]:
@@ -405,6 +435,7 @@ def sam_perturbation(
     rhos: list[float],
     adaptive: bool,
     perturb_norm: str,
+    reduce: Reduce | None = None,
 ) -> list[Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
     times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's); ``‖N‖`` is taken over
@@ -418,35 +449,34 @@ def sam_perturbation(
         torch._foreach_mul_(directions, [p.abs() for p in params])
     rho = torch.tensor(rhos, dtype=torch.float32, device=directions[0].device)
     if perturb_norm == "global":
-        scales = rho / (global_norm(directions) + SHEAR_EPS)
+        scales = rho / (global_norm(directions, reduce) + SHEAR_EPS)
     else:
-        scales = rho / (torch.stack(frobenius_norms(directions)) + SHEAR_EPS)
+        scales = rho / (frobenius_norms(directions, reduce) + SHEAR_EPS)
     return scale_each(directions, scales)
 
 
-def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor]) -> list[Tensor]:
+def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None) -> list[Tensor]:
     """Per tensor, the part of ``g_adv`` orthogonal to ``g``: ``s = g_adv − (⟨g_adv,g⟩/(‖g‖²+1e-12))·g``."""
-    out = []
-    for ga, g in zip(adv_grads, base_grads):
-        coeff = (ga * g).sum() / (g.pow(2).sum() + SHEAR_EPS)
-        out.append(ga - coeff * g)
-    return out
+    if not adv_grads:
+        return []
+    coeffs = dots(adv_grads, base_grads, reduce) / (frobenius_norms(base_grads, reduce).square() + SHEAR_EPS)
+    return [ga - c.to(ga.dtype) * g for ga, g, c in zip(adv_grads, base_grads, coeffs.unbind())]
 
 
-def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor,
+                 reduce: Reduce | None = None) -> list[Tensor]:
     """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor (new tensors)."""
     if not grads:
         return []
-    g_norms = frobenius_norms(grads)
-    s_norms = frobenius_norms(shears)
-    return [g + s * (alpha * gn / (sn + SHEAR_EPS)).to(g.dtype) for g, s, gn, sn in zip(grads, shears, g_norms, s_norms)]
+    factors = alpha * frobenius_norms(grads, reduce) / (frobenius_norms(shears, reduce) + SHEAR_EPS)
+    return [g + s * f.to(g.dtype) for g, s, f in zip(grads, shears, factors.unbind())]
 
 
-def alignment(grads: list[Tensor], shears: list[Tensor]) -> Tensor:
+def alignment(grads: list[Tensor], shears: list[Tensor], reduce: Reduce | None = None) -> Tensor:
     """Signed global alignment ``Σ⟨g,s⟩ / (√Σ‖g‖²·√Σ‖s‖² + 1e-12)`` (a 0-d tensor on the device).
     AGA's φ_t is its absolute value under ``aga_rule="abs"``."""
-    dot = torch.stack([(g.float() * s.float()).sum() for g, s in zip(grads, shears)]).sum()
-    return dot / (global_norm(grads) * global_norm(shears) + SHEAR_EPS)
+    dot = dots(grads, shears, reduce).sum()
+    return dot / (global_norm(grads, reduce) * global_norm(shears, reduce) + SHEAR_EPS)
 
 
 def aga_phi(signed_alignment: Tensor, rule: str) -> Tensor:

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..routing import ADAMW, LORA_POLICIES, MATRIX, Router, RoutingOptions, TensorSpec
-from .distributed import split_orthogonalize
+from .distributed import ShardedLayout, sharded_orthogonalize, split_orthogonalize
 from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg, optional
-from .stages import MatrixBatch, Stage, advance_adam_moments
+from .stages import MatrixBatch, OrthogonalizeFn, Stage, advance_adam_moments
 
 COMMON_HPARAMS = (
     nonneg("lr", 1e-3, "learning rate (both tracks)"),
@@ -123,6 +123,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         self.router = Router(model, RoutingOptions(**routing))
         self.routing_options = routing
         self.data_parallel_group = data_parallel_group
+        self.sharding: ShardedLayout | None = None  # FSDP2: set when DTensor parameters are added
         self._specs: dict[int, TensorSpec] = {}
         self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0}
         self._warned_nonfinite = False
@@ -168,6 +169,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{owner} params must be tensors, got {type(p).__name__}")
             if torch.is_complex(p):
                 raise ValueError(f"{owner} does not support complex parameters (got dtype {p.dtype})")
+        self._check_layout(items, owner)
         index = len(self.param_groups)
         if not named and any("param_names" in g for g in self.param_groups):
             # torch needs all groups named or none: name the new tensors as the router would report them
@@ -182,8 +184,40 @@ class FamilyOptimizer(torch.optim.Optimizer):
                                                    explicit_weight_decay="weight_decay" in given)
         group["params"] = list(zip(names, items)) if named else items
         super().add_param_group(group)
+        if self.sharding is not None:
+            # state like the parameters, created now, so that distributed checkpoints see the same
+            # keys on every rank (and never need a dummy step to create them)
+            for p in items:
+                self._create_state(p)
         if hasattr(self, "routing_report"):  # added after construction: refresh the report
             self.routing_report = self.router.finish()
+
+    def _check_layout(self, params: list[Tensor], owner: str) -> None:
+        """Accept plain tensors, or FSDP2's DTensors (1-D mesh, ``Shard(0)``) — never a mix."""
+        layout = ShardedLayout.of(params, owner)
+        if layout is None:
+            if self.sharding is not None and params:
+                raise ValueError(f"{owner}: plain tensors added to an optimizer of FSDP2 (DTensor) parameters; "
+                                 "shard every module with fully_shard, or keep them in another optimizer")
+            return
+        if self.sharding is None:
+            if self.param_groups:
+                raise ValueError(f"{owner}: DTensor parameters added to an optimizer of plain tensors; "
+                                 "shard the whole model with fully_shard before creating the optimizer")
+            self.sharding = layout
+        elif not self.sharding.same_mesh(layout):
+            raise ValueError(f"{owner}: parameters on different device meshes; one FSDP2 mesh per optimizer")
+
+    def _create_state(self, p: Tensor) -> None:
+        """All state tensors the update of ``p`` will use (DTensors like ``p`` under FSDP2)."""
+        st = self.state[p]
+        keys = ("exp_avg", "exp_avg_sq") if self._specs[id(p)].track == ADAMW else tuple(
+            k for stage in self.matrix_stages for k in stage.state_keys)
+        for key in keys:
+            if key not in st:
+                st[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+        if "exp_avg" in keys:
+            st.setdefault("step", 0)
 
     def spec_of(self, p: Tensor) -> TensorSpec:
         """The routing decision for one parameter of this optimizer."""
@@ -213,7 +247,8 @@ class FamilyOptimizer(torch.optim.Optimizer):
         return True
 
     def _gather(self) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
-        """``(group, params, grads)`` for params that have gradients; validates gradient kinds."""
+        """``(group, params, grads)`` for params that have gradients; validates gradient kinds.
+        Under FSDP2 the params are the DTensors and the grads their *local* shards."""
         out = []
         for group in self.param_groups:
             params, grads = [], []
@@ -223,7 +258,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(F.local(p.grad))
             if params:
                 out.append((group, params, grads))
         return out
@@ -232,9 +267,16 @@ class FamilyOptimizer(torch.optim.Optimizer):
         """One device reduction and one host read for the whole step."""
         return self._accept_gradients(bool(self._finite_flag(gathered)))
 
+    def _finite_flag(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
+        """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read);
+        under FSDP2 over every shard, so all ranks take the same decision."""
+        flag = self._local_finite_flag(gathered)
+        if self.sharding is not None:
+            flag = self.sharding.all_true(flag)
+        return flag
+
     @staticmethod
-    def _finite_flag(gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
-        """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read)."""
+    def _local_finite_flag(gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
             return torch.tensor(True)
@@ -274,6 +316,10 @@ class FamilyOptimizer(torch.optim.Optimizer):
     def _in_state_dtype(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         return [g if g.dtype == self._state_dtype(p) else g.to(self._state_dtype(p)) for p, g in zip(params, grads)]
 
+    def _reduce(self) -> F.Reduce | None:
+        """Sums per-shard partial reductions across the FSDP2 mesh (None when not sharded)."""
+        return self.sharding.sum if self.sharding is not None else None
+
     def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         norms: list[Tensor] = []
         step_sizes: list[float] = []
@@ -294,25 +340,26 @@ class FamilyOptimizer(torch.optim.Optimizer):
                     stage(batch)
                 updates = batch.updates()
                 lrs = [group["lr"] * f for f in batch.lr_factors] if batch.lr_factors else [group["lr"]] * len(m_params)
-                norms += F.frobenius_norms(updates)
+                norms.append(batch.update_norms(updates))
                 step_sizes += lrs
-                numel += sum(p.numel() for p in m_params)
-                F.decay_and_apply_(m_params, updates, lrs, batch.decay_factors or [1.0] * len(m_params))
+                numel += sum(math.prod(s.shape) for s in m_specs)
+                F.decay_and_apply_(batch.params, updates, lrs, batch.decay_factors or [1.0] * len(m_params))
             a_params, a_grads, a_specs = tracks[ADAMW]
             if a_params:
                 self._adamw_track(group, a_params, a_grads, a_specs)
         if norms:
             # a handful of whole-list kernels; read on the host only by diagnostics()
-            energy = torch.stack(norms)
+            energy = torch.cat([n.float() for n in norms])
             self._last["energy"] = energy.mean()
             moved = energy * torch.tensor(step_sizes, dtype=energy.dtype, device=energy.device)
             self._last["update_rms"] = moved.square().sum().div(numel).sqrt()
 
     def _matrix_batch(self, group: dict, params: list[Tensor], grads: list[Tensor],
                       specs: list[TensorSpec]) -> MatrixBatch:
-        return MatrixBatch(group=group, params=params, grads=self._in_state_dtype(params, grads),
-                           states=[self.state[p] for p in params], specs=specs,
-                           orthogonalize=self._orthogonalizer(group), state_dtype=self._state_dtype)
+        return MatrixBatch(group=group, owners=params, params=[F.local(p) for p in params],
+                           grads=self._in_state_dtype(params, grads), states=[self.state[p] for p in params],
+                           specs=specs, orthogonalize=self._orthogonalizer(group), state_dtype=self._state_dtype,
+                           reduce=self._reduce())
 
     # -- the AdamW track ------------------------------------------------------------------------------
     @staticmethod
@@ -357,19 +404,28 @@ class FamilyOptimizer(torch.optim.Optimizer):
             self._state_dtype, params)
         updates = F.whiten(exp_avgs, denoms, bias_corrections1)
         decay = [1.0 - lr * wd if s.decay else 1.0 for s in specs]
-        F.decay_and_apply_(params, updates, [lr] * len(params), decay)
+        F.decay_and_apply_([F.local(p) for p in params], updates, [lr] * len(params), decay)
 
     # -- orthogonalization ----------------------------------------------------------------------------
-    def _orthogonalizer(self, group: dict) -> Callable[[list[Tensor], list[str]], list[Tensor]]:
-        """Newton–Schulz with the group's settings, split across a data-parallel group if given."""
+    def _orthogonalizer(self, group: dict) -> OrthogonalizeFn:
+        """``(inputs, views) → (NS(inputs), ‖inputs‖, ‖NS(inputs)‖)`` with the group's settings: whole
+        matrices here; under FSDP2 each matrix is gathered on one owner rank, which computes all three;
+        under DDP (a data-parallel group) each rank computes a share."""
         dtype = None if group["ns_dtype"] == "auto" else getattr(torch, group["ns_dtype"])
         kernel = F.compiled_newton_schulz() if self.defaults["compile"] else F.newton_schulz
         orthogonalize = functools.partial(F.orthogonalize, steps=group["ns_steps"],
                                           coefficients=tuple(group["ns_coefficients"]), dtype=dtype, kernel=kernel)
+        if self.sharding is not None:
+            return functools.partial(sharded_orthogonalize, orthogonalize=orthogonalize, layout=self.sharding)
         if self.defaults["split_ns"] and self.data_parallel_group is not None:
-            return functools.partial(split_orthogonalize, orthogonalize=orthogonalize,
-                                     group=self.data_parallel_group)
-        return orthogonalize
+            orthogonalize = functools.partial(split_orthogonalize, orthogonalize=orthogonalize,
+                                              group=self.data_parallel_group)
+
+        def with_norms(inputs: list[Tensor], views: list[str], shapes: Any = None) -> tuple[list[Tensor], Tensor, Tensor]:
+            ortho = orthogonalize(inputs, views)
+            return ortho, F.frobenius_norms(inputs), F.frobenius_norms(ortho)
+
+        return with_norms
 
     def set_data_parallel_group(self, group: Any) -> None:
         """Declare the process group whose ranks hold identical gradients (DDP), enabling ``split_ns``."""
@@ -387,15 +443,24 @@ class FamilyOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in out.items() if not math.isnan(v) or k in ("phi", "surrogate_gap")}
 
     def state_dict(self) -> dict[str, Any]:
+        """As torch's, with the optimizer-wide family state (step counts, SAM/AGA/ASI state) inside the
+        first param group under ``"family"``: distributed checkpoints (``get_optimizer_state_dict``)
+        keep only ``state`` and ``param_groups``, so a top-level key would be lost there."""
         sd = super().state_dict()
-        sd["family"] = {"stats": dict(self.stats), **self._extra_state()}
+        if sd["param_groups"]:
+            sd["param_groups"][0] = {**sd["param_groups"][0],
+                                     "family": {"stats": dict(self.stats), **self._extra_state()}}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, except that state tensors keep their saved dtype (torch casts floating state to
         the parameter's dtype, which would round float32 moments of bf16 parameters to bf16)."""
         state_dict = dict(state_dict)
-        family = state_dict.pop("family", None)
+        family = state_dict.pop("family", None)  # (checkpoints written before it moved into the groups)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for g in groups:
+            family = g.pop("family", family)
+        state_dict["param_groups"] = groups
         saved_state = state_dict.pop("state", {})
         super().load_state_dict({**state_dict, "state": {}})  # groups: validation, hooks, param_names
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

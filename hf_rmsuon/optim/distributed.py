@@ -37,14 +37,16 @@ def group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def _fingerprint(tensors: list[Tensor], views: list[str]) -> int:
-    text = ";".join(f"{tuple(t.shape)}:{t.dtype}:{v}" for t, v in zip(tensors, views))
+def _fingerprint(tensors: list[Tensor], views: list[str], shapes: list[tuple[int, ...]] | None = None) -> int:
+    shapes = shapes if shapes is not None else [tuple(t.shape) for t in tensors]
+    text = ";".join(f"{tuple(s)}:{t.dtype}:{v}" for t, v, s in zip(tensors, views, shapes))
     return zlib.crc32(text.encode())
 
 
-def _ranks_agree(tensors: list[Tensor], views: list[str], group: Any) -> bool:
-    """Whether every rank of ``group`` holds the same list of shapes (one all-reduce of two ints)."""
-    fp = _fingerprint(tensors, views)
+def _ranks_agree(tensors: list[Tensor], views: list[str], group: Any,
+                 shapes: list[tuple[int, ...]] | None = None) -> bool:
+    """Whether every rank of ``group`` holds the same list of (global) shapes (one all-reduce of two ints)."""
+    fp = _fingerprint(tensors, views, shapes)
     device = tensors[0].device if tensors else torch.device("cpu")
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -93,3 +95,179 @@ def split_orthogonalize(tensors: list[Tensor], views: list[str], *, orthogonaliz
             for j, i in enumerate(owner_chunk[owner]):
                 results[i] = gathered[owner][j]
     return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2: sharded parameters (DTensor, Shard(0) on a 1-D mesh), owner-computes Newton–Schulz
+# --------------------------------------------------------------------------------------------------
+
+SUPPORTED_LAYOUT = ("FSDP2 (torch.distributed.fsdp.fully_shard, or transformers' DistributedConfig(fsdp_size=N)) "
+                    "on a 1-D device mesh with Shard(0) placements, or DDP, or one process")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+class ShardedLayout:
+    """FSDP2's layout of an optimizer's parameters: all DTensors on one 1-D mesh, sharded on dim 0
+    with ``torch.chunk``'s rule (rank ``r`` holds rows ``[r·c, (r+1)·c)``, ``c = ⌈rows/world⌉``)."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.world = mesh.size()
+        self.rank = mesh.get_local_rank()
+
+    @classmethod
+    def of(cls, params: list[Tensor], owner: str) -> ShardedLayout | None:
+        """The layout of ``params``, ``None`` for plain tensors; unsupported layouts raise."""
+        sharded = [p for p in params if _is_dtensor(p)]
+        if not sharded:
+            return None
+        if len(sharded) != len(params):
+            raise ValueError(f"{owner}: a param group mixes DTensor (sharded) and plain parameters; "
+                             f"supported: {SUPPORTED_LAYOUT}")
+        from torch.distributed.tensor import Shard
+
+        mesh = sharded[0].device_mesh
+        for p in sharded:
+            if p.device_mesh.ndim != 1:
+                raise ValueError(
+                    f"{owner}: a parameter lives on a {p.device_mesh.ndim}-D device mesh (HSDP or tensor "
+                    f"parallel); Newton–Schulz needs whole matrices and only this is supported: {SUPPORTED_LAYOUT}")
+            if tuple(p.placements) != (Shard(0),):
+                raise ValueError(f"{owner}: a parameter has placements {tuple(p.placements)}; supported: "
+                                 f"{SUPPORTED_LAYOUT}")
+            if p.device_mesh != mesh:
+                raise ValueError(f"{owner}: parameters on different device meshes; supported: {SUPPORTED_LAYOUT}")
+        return cls(mesh)
+
+    def same_mesh(self, other: ShardedLayout) -> bool:
+        return self.mesh == other.mesh
+
+    def rows(self, total: int) -> list[int]:
+        """Rows of a ``total``-row tensor held by each rank."""
+        chunk = math.ceil(total / self.world) if total else 0
+        return [max(0, min(chunk, total - r * chunk)) for r in range(self.world)]
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Per-shard partial results summed over the mesh (one all-reduce)."""
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def all_true(self, flag: Tensor) -> Tensor:
+        """Whether ``flag`` holds on every rank (one all-reduce)."""
+        value = flag.to(torch.float32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return value[0] > 0.5
+
+    def like(self, param: Tensor, local_value: Tensor) -> Tensor:
+        """A DTensor with ``param``'s mesh, placements and global shape around ``local_value``."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
+
+def assign_owners(shapes: list[tuple[int, ...]], views: list[str], world: int) -> list[int]:
+    """Owner rank of each matrix: greedy by Newton–Schulz cost (largest first, to the least-loaded
+    rank; ties by index and rank) — computed from shapes only, so identical on every rank."""
+    from ..functional import matrix_shape
+
+    def cost(shape: tuple[int, ...], view: str) -> float:
+        rows, cols = matrix_shape(shape, view)
+        count = math.prod(shape[:-2]) if view == "stack" else 1
+        return count * rows * cols * min(rows, cols)
+
+    order = sorted(range(len(shapes)), key=lambda i: (-cost(shapes[i], views[i]), i))
+    load = [0.0] * world
+    owners = [0] * len(shapes)
+    for i in order:
+        r = min(range(world), key=lambda q: (load[q], q))
+        owners[i] = r
+        load[r] += cost(shapes[i], views[i])
+    return owners
+
+
+def _exchange(layout: ShardedLayout, send: list[list[Tensor]], recv_numel: list[int], capacity: int,
+              like: Tensor) -> list[Tensor]:
+    """One ``all_to_all``: ``send[r]`` (flattened, concatenated) goes to rank ``r``. Buffers are padded
+    to ``capacity`` (the largest message between any two ranks, known to all from the shapes), since
+    gloo's all-to-all needs equal sizes."""
+    out_bufs = []
+    for parts in send:
+        buf = like.new_zeros(capacity)
+        if parts:
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            buf[:flat.numel()] = flat
+        out_bufs.append(buf)
+    in_bufs = [like.new_empty(capacity) for _ in recv_numel]
+    dist.all_to_all(in_bufs, out_bufs, group=layout.group)
+    return [buf[:n] for buf, n in zip(in_bufs, recv_numel)]
+
+
+def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[tuple[int, ...]], *,
+                          orthogonalize: OrthogonalizeFn, layout: ShardedLayout) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Newton–Schulz of row-sharded matrices: each matrix's shards go to its owner (one all-to-all),
+    the owner orthogonalizes its whole matrices with the same batched kernel as the unsharded path
+    (so the result is bit-identical) and takes ``‖input‖`` and ``‖O‖``; the row shards of ``O`` come
+    back with a second all-to-all and the norms with one all-reduce. ``inputs`` are local shards."""
+    if not _ranks_agree(inputs, views, layout.group, shapes):
+        raise RuntimeError("hf_rmsuon: the ranks of the FSDP2 mesh hold gradients for different parameters; "
+                           "every rank must step the same parameters")
+    if not inputs:
+        return [], torch.zeros(0), torch.zeros(0)
+    world, rank = layout.world, layout.rank
+    owners = assign_owners(shapes, views, world)
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    row_numel = [math.prod(s[1:]) for s in shapes]
+    rows = [layout.rows(s[0]) for s in shapes]
+    like = inputs[0]
+
+    # traffic[src][dst]: values that rank src sends to owner dst (the way back is the transpose)
+    traffic = [[sum(rows[i][src] * row_numel[i] for i in range(len(shapes)) if owners[i] == dst)
+                for dst in range(world)] for src in range(world)]
+    capacity = max(max(row) for row in traffic)
+    send: list[list[Tensor]] = [[] for _ in range(world)]
+    for i, t in enumerate(inputs):
+        send[owners[i]].append(t)
+    recv = _exchange(layout, send, [traffic[src][rank] for src in range(world)], capacity, like)
+    offsets = [0] * world
+    whole: list[Tensor] = []
+    for i in mine:
+        pieces = []
+        for r in range(world):
+            n = rows[i][r] * row_numel[i]
+            pieces.append(recv[r][offsets[r]:offsets[r] + n].view(rows[i][r], *shapes[i][1:]))
+            offsets[r] += n
+        whole.append(torch.cat(pieces))
+    ortho = orthogonalize(whole, [views[i] for i in mine])
+
+    norms = torch.zeros(2, len(inputs), dtype=torch.float64, device=like.device)
+    if mine:
+        from ..functional import frobenius_norms
+
+        index = torch.tensor(mine, device=like.device)
+        norms[0, index] = frobenius_norms(whole).to(torch.float64)
+        norms[1, index] = frobenius_norms(ortho).to(torch.float64)
+    dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=layout.group)  # one owner per entry: exact
+
+    back: list[list[Tensor]] = [[] for _ in range(world)]
+    for j, i in enumerate(mine):
+        for r, piece in enumerate(torch.split(ortho[j], rows[i])):
+            back[r].append(piece)
+    returned = _exchange(layout, back, [traffic[rank][owner] for owner in range(world)], capacity, like)
+    offsets = [0] * world
+    results = []
+    for i, t in enumerate(inputs):
+        r, n = owners[i], rows[i][rank] * row_numel[i]
+        results.append(returned[r][offsets[r]:offsets[r] + n].view(t.shape))
+        offsets[r] += n
+    dtype = like.dtype if like.dtype == torch.float64 else torch.float32
+    return results, norms[0].to(dtype), norms[1].to(dtype)

@@ -130,6 +130,24 @@ class ARS(AdaRMSuon):
         self._plan: dict[str, Any] | None = None
         self._pass: dict[str, Any] | None = None  # the recorded second pass of the coming step
         self._model: weakref.ref | None = weakref.ref(model) if model is not None else None
+        if self.sharding is not None and model is None:
+            raise ValueError(
+                f"{type(self).__name__}: sharded (FSDP2) parameters need the model for SAM's second pass, so the "
+                "perturbed shards are gathered again: create_optimizer(name, model) or "
+                f"{type(self).__name__}(model.parameters(), model=model)")
+
+    def _reshard(self) -> None:
+        """Under FSDP2, drop every gathered (unsharded) parameter, so that the next forward gathers the
+        shards as they are now — with ``reshard_after_backward=False`` FSDP would otherwise reuse the
+        weights of the last forward and the second pass would not see ``w + e`` (or the restore)."""
+        model = self._model() if self._model is not None else None
+        if self.sharding is None or model is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _check_group(self, hparams: dict[str, Any], owner: str) -> None:
         super()._check_group(hparams, owner)
@@ -160,14 +178,15 @@ class ARS(AdaRMSuon):
             plan["due"] = k == 1 or (k > 1 and (t - 1) % k == 0)
             return plan
         rule = self.defaults["aga_rule"]
-        pairs = [(p.grad, self.state[p]["shear"]) for p in self._params_with_grad() if "shear" in self.state[p]]
+        pairs = [(F.local(p.grad), F.local(self.state[p]["shear"])) for p in self._params_with_grad()
+                 if "shear" in self.state[p]]
         if t == 1 or not pairs:
             if rule == "signed" and t == 1:
                 plan["nu"] = 0.0  # the research code sets ν = φ₁², and φ₁ = 0 without a shear force
             plan["due"] = True
             return plan
         beta_, lam = self.defaults["aga_beta"], self.defaults["aga_lambda"]
-        phi = F.aga_phi(F.alignment([g for g, _ in pairs], [s for _, s in pairs]), rule)
+        phi = F.aga_phi(F.alignment([g for g, _ in pairs], [s for _, s in pairs], self._reduce()), rule)
         alpha = F.aga_alpha(phi, self.defaults["alpha"], self.defaults["aga_gamma"], rule)
         if rule == "signed":
             # research code: ν (no bias correction) is updated before the test on every step whose
@@ -217,7 +236,7 @@ class ARS(AdaRMSuon):
             else:
                 _, adam_betas, adam_eps, _ = self.adamw_settings(group)
             _, bc2 = F.bias_corrections(st["step"], *adam_betas)
-            denoms.append(F.rms_denominators([st["exp_avg_sq"]], [bc2], adam_eps)[0])
+            denoms.append(F.rms_denominators([F.local(st["exp_avg_sq"])], [bc2], adam_eps)[0])
         return denoms
 
     @torch.no_grad()
@@ -234,21 +253,23 @@ class ARS(AdaRMSuon):
         with_grad = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
         params = [p for p, _ in perturbed]
-        grads = [p.grad if not grad_scale else p.grad / grad_scale for p in params]
+        values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
+        grads = [F.local(p.grad) if not grad_scale else F.local(p.grad) / grad_scale for p in params]
         denoms = self._previous_denominators(params, [g for _, g in perturbed])
         rhos = [group["rho"] * self.sam["rho_scale"] for _, group in perturbed]
-        e = F.sam_perturbation(self._in_state_dtype(params, grads), denoms, params, rhos,
-                               self.defaults["adaptive"], self.defaults["perturb_norm"])
+        e = F.sam_perturbation(self._in_state_dtype(params, grads), denoms, values, rhos,
+                               self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce())
         all_params = [p for p, _ in with_grad]
         self._pass = {
-            "params": params,
-            "weights": [p.detach().clone() for p in params],
+            "params": values,
+            "weights": [v.detach().clone() for v in values],
             "grad_params": all_params,
-            "base_grads": [p.grad.detach().clone() for p in all_params],
+            "base_grads": [F.local(p.grad).detach().clone() for p in all_params],
         }
-        F.decay_and_apply_(params, e, [-1.0] * len(params), [1.0] * len(params))  # w ← w + e
+        F.decay_and_apply_(values, e, [-1.0] * len(values), [1.0] * len(values))  # w ← w + e
         for p in all_params:
-            p.grad.zero_()
+            F.local(p.grad).zero_()
+        self._reshard()
 
     def end_sam_pass(self, loss: float | Tensor | None = None, adv_loss: float | Tensor | None = None) -> None:
         """Restore ``w`` exactly from the saved copy; ``p.grad`` now holds ``g_adv`` for :meth:`step`."""
@@ -259,6 +280,7 @@ class ARS(AdaRMSuon):
                 torch._foreach_copy_(self._pass["params"], self._pass.pop("weights"))
             else:
                 self._pass.pop("weights")
+        self._reshard()
         self._pass["loss"] = loss
         self._pass["adv_loss"] = adv_loss
 
@@ -350,10 +372,10 @@ class ARS(AdaRMSuon):
         if self._stores_shear():
             base = {id(p): g for p, g in zip(self._pass["grad_params"], self._pass["base_grads"])}
             params = [p for _, ps, _ in gathered for p in ps if id(p) in base]
-            adv = self._in_state_dtype(params, [p.grad for p in params])
+            adv = self._in_state_dtype(params, [F.local(p.grad) for p in params])
             base_grads = self._in_state_dtype(params, [base[id(p)] for p in params])
-            for p, s in zip(params, F.shear_force(adv, base_grads)):
-                self.state[p]["shear"] = s
+            for p, s in zip(params, F.shear_force(adv, base_grads, self._reduce())):
+                self.state[p]["shear"] = self.sharding.like(p, s) if self.sharding is not None else s
         loss, adv_loss = self._pass.get("loss"), self._pass.get("adv_loss")
         if loss is not None and adv_loss is not None:
             gap = float(adv_loss) - float(loss)
@@ -395,7 +417,8 @@ class ARS(AdaRMSuon):
             idx = [i for i, p in enumerate(params) if "shear" in self.state[p]]
             if idx:
                 fresh = self._in_state_dtype([params[i] for i in idx], [grads[i] for i in idx])
-                injected = F.inject_shear(fresh, [self.state[params[i]]["shear"] for i in idx], plan["alpha"])
+                injected = F.inject_shear(fresh, [F.local(self.state[params[i]]["shear"]) for i in idx], plan["alpha"],
+                                          self._reduce())
                 for i, g in zip(idx, injected):
                     grads[i] = g
             out.append((group, params, grads))

@@ -22,7 +22,10 @@ from torch import Tensor
 from .. import functional as F
 from ..routing import TensorSpec
 
-OrthogonalizeFn = Callable[[list[Tensor], list[str]], list[Tensor]]
+#: ``(inputs, views, global shapes) → (O, ‖inputs‖, ‖O‖)``: the norms are of whole matrices, taken
+#: where the whole matrix is (under FSDP2: on the rank that orthogonalizes it), so sharding does not
+#: change them.
+OrthogonalizeFn = Callable[[list[Tensor], list[str], list[tuple[int, ...]]], tuple[list[Tensor], Tensor, Tensor]]
 
 
 @dataclass
@@ -30,22 +33,38 @@ class MatrixBatch:
     """The matrix-track tensors of one param group in one step, as they flow through the stages."""
 
     group: dict[str, Any]
-    params: list[Tensor]
-    grads: list[Tensor]  # in the state dtype
+    owners: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
+    params: list[Tensor]  # their local values (the same tensors when not sharded)
+    grads: list[Tensor]  # local gradients in the state dtype
     states: list[dict[str, Any]]
     specs: list[TensorSpec]
     orthogonalize: OrthogonalizeFn
     state_dtype: Callable[[Tensor], torch.dtype]
+    reduce: F.Reduce | None = None  # sums per-shard partial reductions (None: not sharded)
     # filled by the stages
     inputs: list[Tensor] = field(default_factory=list)  # what Newton–Schulz sees
     denoms: list[Tensor] | None = None  # √v̂+ε, when the member keeps Adam moments
     bias_corrections1: list[float] | None = None  # 1−β1^t per tensor
     energies: Tensor | None = None  # E per tensor (stacked)
+    energy_of_input: Tensor | None = None  # or E = ‖input‖·factor, once the input norms are known
     ortho: list[Tensor] = field(default_factory=list)  # O
+    input_norms: Tensor | None = None  # ‖input‖ and ‖O‖ of whole matrices (orthogonalization stage)
+    ortho_norms: Tensor | None = None
     scales: Tensor | None = None  # U = scales_i·O_i (+ extra_i)
     extra: list[Tensor] | None = None
     lr_factors: list[float] | None = None  # per-tensor lr multipliers (Muon's shape factor)
     decay_factors: list[float] | None = None  # p ← p·d before the update (decoupled decay)
+
+    def buffer(self, i: int, key: str) -> Tensor:
+        """The local value of state tensor ``key`` of tensor ``i`` (created, like its parameter —
+        a DTensor under FSDP2 — in the state dtype, on first use)."""
+        return state_buffer(self.states[i], key, self.owners[i], self.state_dtype(self.owners[i]))
+
+    def energy(self) -> Tensor:
+        """``E`` per tensor: given by the preconditioning stage, or ``‖input‖·factor``."""
+        if self.energies is not None:
+            return self.energies
+        return self.input_norms * self.energy_of_input
 
     def updates(self) -> list[Tensor]:
         """``U`` per tensor."""
@@ -54,12 +73,20 @@ class MatrixBatch:
             updates = list(torch._foreach_add(updates, self.extra))
         return updates
 
+    def update_norms(self, updates: list[Tensor]) -> Tensor:
+        """``‖U‖`` per tensor (diagnostics): ``|scale|·‖O‖`` when ``U`` is a multiple of ``O``."""
+        if self.extra is None and self.ortho_norms is not None:
+            return self.ortho_norms * (self.scales.abs() if self.scales is not None else 1.0)
+        return F.frobenius_norms(updates, self.reduce)
+
 
 class Stage:
     """One step of the chain. ``kind`` is one of moments, preconditioning, orthogonalization, energy,
     decay; ``__call__`` reads and fills the batch."""
 
     kind: str = ""
+    #: state tensors the stage keeps per parameter (created eagerly for sharded parameters)
+    state_keys: tuple[str, ...] = ()
 
     def __call__(self, batch: MatrixBatch) -> None:
         raise NotImplementedError
@@ -68,11 +95,12 @@ class Stage:
         return f"{type(self).__name__}()"
 
 
-def state_buffer(state: dict[str, Any], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """The zero-initialised state tensor ``key`` (created on first use, in the state dtype)."""
+def state_buffer(state: dict[str, Any], key: str, param: Tensor, dtype: torch.dtype) -> Tensor:
+    """The local value of the zero-initialised state tensor ``key``, created on first use like
+    ``param`` (a DTensor with the parameter's placements under FSDP2), in the state dtype."""
     if key not in state:
-        state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
-    return state[key]
+        state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    return F.local(state[key])
 
 
 def advance_adam_moments(
@@ -80,15 +108,14 @@ def advance_adam_moments(
     state_dtype: Callable[[Tensor], torch.dtype], params: list[Tensor],
 ) -> tuple[list[Tensor], list[Tensor], list[float]]:
     """``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``, ``t ← t+1`` per tensor; returns
-    ``(m, √v̂+ε, 1−β1^t)``. Shared by the AdamW track and the RMSuon members' matrix track."""
+    ``(m, √v̂+ε, 1−β1^t)`` (local values). ``params``: as the optimizer holds them (state is created
+    like them). Shared by the AdamW track and the RMSuon members' matrix track."""
     beta1, beta2 = betas
+    exp_avgs, exp_avg_sqs = [], []
     for p, st in zip(params, states):
-        dtype = state_dtype(p)
-        state_buffer(st, "exp_avg", p, dtype)
-        state_buffer(st, "exp_avg_sq", p, dtype)
+        exp_avgs.append(state_buffer(st, "exp_avg", p, state_dtype(p)))
+        exp_avg_sqs.append(state_buffer(st, "exp_avg_sq", p, state_dtype(p)))
         st["step"] = st.get("step", 0) + 1
-    exp_avgs = [st["exp_avg"] for st in states]
-    exp_avg_sqs = [st["exp_avg_sq"] for st in states]
     F.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
     corrections = [F.bias_corrections(st["step"], beta1, beta2) for st in states]
     denoms = F.rms_denominators(exp_avg_sqs, [bc2 for _, bc2 in corrections], eps)
@@ -113,10 +140,11 @@ class NesterovMomentum(Stage):
     """``M ← β·M + (1−β)·g``; input ``(1−β)·g + β·M`` (``nesterov``) or ``M`` (Muon)."""
 
     kind = "moments"
+    state_keys = ("momentum_buffer",)
 
     def __call__(self, batch: MatrixBatch) -> None:
         momentum = batch.group["momentum"]
-        bufs = [state_buffer(st, "momentum_buffer", g, g.dtype) for g, st in zip(batch.grads, batch.states)]
+        bufs = [batch.buffer(i, "momentum_buffer") for i in range(len(batch.grads))]
         F.ema_lerp_(bufs, batch.grads, momentum)
         batch.inputs = [g.lerp(m, momentum) for g, m in zip(batch.grads, bufs)] if batch.group["nesterov"] else bufs
 
@@ -125,10 +153,11 @@ class SignedNesterovMomentum(Stage):
     """``M ← β1·M + g``; input ``sign(g + β1·M)`` (AdaMuon)."""
 
     kind = "moments"
+    state_keys = ("momentum_buffer",)
 
     def __call__(self, batch: MatrixBatch) -> None:
         beta1 = batch.group["betas"][0]
-        bufs = [state_buffer(st, "momentum_buffer", g, g.dtype) for g, st in zip(batch.grads, batch.states)]
+        bufs = [batch.buffer(i, "momentum_buffer") for i in range(len(batch.grads))]
         torch._foreach_mul_(bufs, beta1)
         torch._foreach_add_(bufs, batch.grads)
         nesterov = torch._foreach_add(batch.grads, bufs, alpha=beta1)
@@ -141,10 +170,11 @@ class AdamMoments(Stage):
     input ``m`` (the preconditioning stage decides what Newton–Schulz sees)."""
 
     kind = "moments"
+    state_keys = ("exp_avg", "exp_avg_sq")
 
     def __call__(self, batch: MatrixBatch) -> None:
         exp_avgs, batch.denoms, batch.bias_corrections1 = advance_adam_moments(
-            batch.grads, batch.states, batch.group["betas"], batch.group["eps"], batch.state_dtype, batch.params)
+            batch.grads, batch.states, batch.group["betas"], batch.group["eps"], batch.state_dtype, batch.owners)
         batch.inputs = exp_avgs
 
 
@@ -153,23 +183,21 @@ class AdamMoments(Stage):
 # --------------------------------------------------------------------------------------------------
 
 
-def _energies(whitened_uncorrected: list[Tensor], bias_corrections1: list[float]) -> Tensor:
-    """``E = ‖m/(√v̂+ε)‖/(1−β1^t)`` per tensor (stacked)."""
-    norms = torch.stack(F.frobenius_norms(whitened_uncorrected))
-    return norms / torch.tensor(bias_corrections1, dtype=norms.dtype, device=norms.device)
+def _inverse(values: list[float], like: Tensor | None = None) -> Tensor:
+    return 1.0 / torch.tensor(values, dtype=torch.float32, device=like.device if like is not None else None)
 
 
 class Whiten(Stage):
     """Pre-whitening: ``G = m̂/(√v̂+ε)``, ``E = ‖G‖``; Newton–Schulz sees ``G`` (AdaRMSuon).
 
-    NS is scale-invariant, so it is given ``m/(√v̂+ε)`` and the bias correction enters only ``E``."""
+    NS is scale-invariant, so it is given ``m/(√v̂+ε)`` and the bias correction enters only ``E``;
+    ``‖G‖`` is taken by the orthogonalization stage, where the whole matrix is."""
 
     kind = "preconditioning"
 
     def __call__(self, batch: MatrixBatch) -> None:
-        whitened = F.whiten(batch.inputs, batch.denoms)
-        batch.energies = _energies(whitened, batch.bias_corrections1)
-        batch.inputs = whitened
+        batch.inputs = F.whiten(batch.inputs, batch.denoms)
+        batch.energy_of_input = _inverse(batch.bias_corrections1)
 
 
 class WhitenedEnergy(Stage):
@@ -178,7 +206,8 @@ class WhitenedEnergy(Stage):
     kind = "preconditioning"
 
     def __call__(self, batch: MatrixBatch) -> None:
-        batch.energies = _energies(F.whiten(batch.inputs, batch.denoms), batch.bias_corrections1)
+        norms = F.frobenius_norms(F.whiten(batch.inputs, batch.denoms), batch.reduce)
+        batch.energies = norms * _inverse(batch.bias_corrections1, norms).to(norms.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +221,8 @@ class Orthogonalize(Stage):
     kind = "orthogonalization"
 
     def __call__(self, batch: MatrixBatch) -> None:
-        batch.ortho = batch.orthogonalize(batch.inputs, [s.view for s in batch.specs])
+        batch.ortho, batch.input_norms, batch.ortho_norms = batch.orthogonalize(
+            batch.inputs, [s.view for s in batch.specs], [s.shape for s in batch.specs])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +252,8 @@ class EnergyRescale(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         normalize = self.normalize if self.normalize is not None else batch.group["energy_scale"] == "rms"
-        batch.scales = F.energy_scales(batch.ortho, batch.energies, normalize)
+        energy = batch.energy()
+        batch.scales = F.energy_scales(batch.ortho, energy, normalize, batch.ortho_norms.to(energy.dtype))
 
     def __repr__(self) -> str:
         return f"EnergyRescale(normalize={self.normalize if self.normalize is not None else 'energy_scale'})"
@@ -232,18 +263,20 @@ class AdaptiveRMSRescale(Stage):
     """AdaMuon's energy: ``V ← β2·V + (1−β2)·O²``; ``Û = O/(√V+ε)``; ``U = Û·0.2·√(rows·cols)/(‖Û‖+ε)``."""
 
     kind = "energy"
+    state_keys = ("exp_avg_sq",)
 
     def __call__(self, batch: MatrixBatch) -> None:
         beta2, eps = batch.group["betas"][1], batch.group["eps"]
-        sqs = [state_buffer(st, "exp_avg_sq", o, o.dtype) for o, st in zip(batch.ortho, batch.states)]
+        sqs = [batch.buffer(i, "exp_avg_sq") for i in range(len(batch.ortho))]
         torch._foreach_mul_(sqs, beta2)
         torch._foreach_addcmul_(sqs, batch.ortho, batch.ortho, value=1.0 - beta2)
         denoms = torch._foreach_sqrt(sqs)
         torch._foreach_add_(denoms, eps)
         adapted = list(torch._foreach_div(batch.ortho, denoms))
-        norms = torch.stack(F.frobenius_norms(adapted))
-        targets = torch.tensor([0.2 * math.sqrt(u.numel()) for u in adapted], dtype=norms.dtype, device=norms.device)
-        batch.ortho, batch.scales = adapted, targets / (norms + eps)
+        norms = F.frobenius_norms(adapted, batch.reduce)
+        targets = torch.tensor([0.2 * math.sqrt(math.prod(s.shape)) for s in batch.specs], dtype=norms.dtype,
+                               device=norms.device)
+        batch.ortho, batch.ortho_norms, batch.scales = adapted, norms, targets / (norms + eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +313,8 @@ class NaturalDecay(Stage):
         params = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(batch.params, batch.denoms)]
         wd = torch.tensor(wds, dtype=torch.float32, device=batch.scales.device)
         if batch.group["natural_wd"] == "projected":
-            batch.scales = batch.scales + wd * F.projected_natural_decay(params, batch.denoms, batch.ortho, 1.0)
+            batch.scales = batch.scales + wd * F.projected_natural_decay(
+                params, batch.denoms, batch.ortho, 1.0, batch.ortho_norms, batch.reduce)
         else:
             decay = F.elementwise_natural_decay(params, batch.denoms, 1.0)
             batch.extra = F.scale_each(decay, wd)
