@@ -457,6 +457,56 @@ def bf16_ns_slowdown(device: torch.device) -> dict[str, Any]:
     return {"shape": [1024, 1024], "fp32_s": t32, "bf16_s": t16, "bf16_over_fp32": t16 / t32}
 
 
+NS_SHAPES = [(1024, 1024), (2048, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (512, 1024)]
+
+
+def _ns_standard_reused_buffers(x: Tensor, steps: int, coefficients: tuple[float, float, float],
+                                dtype: torch.dtype) -> Tensor:
+    """The standard iteration with ``out=`` buffers allocated once (measured against the package's)."""
+    a, b, c = coefficients
+    y = x.to(dtype)
+    transposed = y.size(-2) > y.size(-1)
+    y = (y.mT if transposed else y).unsqueeze(0).contiguous()
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
+    m = y.size(-2)
+    gram, poly, other = y.new_empty(1, m, m), y.new_empty(1, m, m), torch.empty_like(y)
+    for _ in range(steps):
+        torch.bmm(y, y.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        torch.baddbmm(y, poly, y, beta=a, out=other)
+        y, other = other, y
+    y = y[0]
+    return (y.mT if transposed else y).to(x.dtype)
+
+
+def bench_ns_shapes(cfg: ScaleSetting, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Per shape: the standard iteration, the Gram iteration and the standard one with reused buffers
+    (interleaved), and which one ``F.newton_schulz`` picks — the measurement behind ``F.ns_method``."""
+    from hf_rmsuon import functional as F
+
+    shapes = [(r // 16, c // 16) for r, c in NS_SHAPES] if cfg.tiny else NS_SHAPES
+    kernels = {"standard": F.newton_schulz_standard, "gram": F.newton_schulz_gram,
+               "standard, reused buffers": _ns_standard_reused_buffers}
+    out = {}
+    g = torch.Generator().manual_seed(4)
+    for shape in shapes:
+        x = torch.randn(shape, generator=g).to(device)
+        results = {n: k(x, 5, F.NS_COEFFICIENTS, dtype) for n, k in kernels.items()}
+        samples = interleaved(list(kernels), max(3, cfg.opt_rounds + 2), 1, lambda n, r, x=x: {
+            "wall": timed(lambda: kernels[n](x, 5, F.NS_COEFFICIENTS, dtype), device)})
+        std = statistics.median(s["wall"] for s in samples["standard"])
+        ref = results["standard"].double()
+        out["×".join(map(str, shape))] = {
+            "chosen": F.ns_method(*shape, 5, dtype),
+            "flop_ratio_gram": F.ns_flops(*shape, 5, "gram") / F.ns_flops(*shape, 5, "standard"),
+            **{n: {"median_ms": 1e3 * statistics.median(s["wall"] for s in ss),
+                   "vs_standard": statistics.median(s["wall"] for s in ss) / std,
+                   "paired_vs_standard": paired(ss, samples["standard"]),
+                   "rel_diff_vs_standard": float((results[n].double() - ref).norm() / ref.norm())}
+               for n, ss in samples.items()}}
+    return {"dtype": str(dtype).replace("torch.", ""), "shapes": out}
+
+
 def bench_optimizer_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
     from hf_rmsuon import functional as F
 
@@ -641,9 +691,31 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return {"optimizer_step": table, "adamw_track": track, "training_step": training}
 
 
+PARTS = ("ns_shapes", "optimizer_step", "adamw_track", "training_step")
+
+
 def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path: Path,
-              setting: str = "custom") -> dict[str, Any]:
-    torch.set_num_threads(1) if device.type == "cpu" else None
+              setting: str = "custom", parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Run ``parts`` (all by default) and write ``json_path``; with fewer parts, the parts run are
+    merged into an existing result file (recorded under ``added_parts``)."""
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if set(parts) != set(PARTS) and json_path.is_file():
+        result = common.read_json(json_path)
+        compute = getattr(torch, result["ns_compute_dtype"])
+        added = {"parts": list(parts), "environment": common.environment()}
+        if "ns_shapes" in parts:
+            result["ns_shapes"] = bench_ns_shapes(cfg, device, compute)
+        for part, fn in (("optimizer_step", bench_optimizer_step), ("training_step", bench_training_step)):
+            if part in parts:
+                result[part] = fn(cfg, device, ns_dtype)
+        if "adamw_track" in parts:
+            result["adamw_track"] = bench_adamw_track(cfg, device)
+        result.setdefault("added_parts", []).append(added)
+        result["summary"] = summarize(result)
+        common.write_json(json_path, result)
+        common.log(f"scale: {', '.join(parts)} added to {json_path}")
+        return result
     start = time.perf_counter()
     compute = torch.float32 if ns_dtype == "float32" or (ns_dtype == "auto" and device.type == "cpu"
                                                          and not bf16_is_native(device)) else torch.bfloat16
@@ -657,6 +729,7 @@ def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path:
     common.log(f"scale: matmul {result['matmul']['gflops']:.1f} GFLOP/s ({result['matmul']['dtype']})")
     if not bf16_is_native(device) and not cfg.tiny:
         result["bf16_ns_slowdown"] = bf16_ns_slowdown(device)
+    result["ns_shapes"] = bench_ns_shapes(cfg, device, compute)
     result["optimizer_step"] = bench_optimizer_step(cfg, device, ns_dtype)
     result["adamw_track"] = bench_adamw_track(cfg, device)
     result["training_step"] = bench_training_step(cfg, device, ns_dtype)
@@ -708,6 +781,19 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
            f"with the Gram iteration where it is chosen (fp32) {opt['ns_flops_chosen_fp32'] / 1e9:.0f} GFLOP. "
            "\"limit\" = standard-NS FLOPs / step time ÷ matmul throughput (the Gram iteration can pass 100%).",
            ""]
+    if "ns_shapes" in data:
+        ns = data["ns_shapes"]
+        note = " (measured in a separate process after the rest)" if any(
+            "ns_shapes" in a["parts"] for a in data.get("added_parts", [])) else ""
+        out += [f"Newton–Schulz per shape ({ns['dtype']}, 5 steps, one matrix; time ÷ the standard iteration, "
+                f"paired; FLOP ratio of the Gram iteration; what `F.newton_schulz` picks){note}:", "",
+                "| shape | standard ms | Gram | Gram FLOPs | reused buffers | picked | Gram vs standard (rel.) |",
+                "|---|---|---|---|---|---|---|"]
+        for shape, e in ns["shapes"].items():
+            out.append(f"| {shape} | {e['standard']['median_ms']:.0f} | {_f(e['gram']['paired_vs_standard'])} | "
+                       f"{_f(e['flop_ratio_gram'])} | {_f(e['standard, reused buffers']['paired_vs_standard'])} | "
+                       f"{e['chosen']} | {e['gram']['rel_diff_vs_standard']:.1e} |")
+        out.append("")
     head = ["optimizer step (gradients preset)", "median s", "× torch Muon (NS fp32)", "paired", "limit",
             "host reads / step"]
     rows = []
@@ -767,14 +853,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--ns_dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     p.add_argument("--json", default=None, help="result file (default benchmarks/results/scale.json on CPU)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)}; a subset is merged into an existing --json")
     args = p.parse_args(argv)
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    if set(parts) - set(PARTS):
+        p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}")
     cfg = SETTINGS[args.setting]
     if args.layers is not None:
         cfg = replace(cfg, layers=args.layers)
     device = torch.device(args.device)
     default = f"scale_{device.type}_{args.ns_dtype}.json" if device.type != "cpu" else "scale.json"
     path = Path(args.json) if args.json else common.REPO / "benchmarks" / "results" / default
-    run_scale(cfg, device, args.ns_dtype, path, args.setting)
+    run_scale(cfg, device, args.ns_dtype, path, args.setting, parts)
 
 
 if __name__ == "__main__":
