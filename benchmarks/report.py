@@ -847,6 +847,11 @@ def build(setting: str, paths: common.Paths) -> Path:
                   "way but mean little. The committed full-setting results are in the repository's BENCHMARKS.md.",
                   ""]
     lines += [*claims, "", "Recommended defaults that follow:", "", *recs, ""]
+    if "reference" in data:
+        lines += ["The comparisons above use this project's protocol. The same claims re-run under the family's "
+                  "research code's protocol (sentence mode with padding in the loss, constant lr, no clipping; the "
+                  "per-head grokking model), with each claim's recorded numbers and confounds: "
+                  "[Reference protocol](#reference-protocol-the-research-codes-experiments-re-run).", ""]
     lines += ["Caveats (by design, read before the numbers):", "",
               "- One 2-core CPU shared with other work; every run single-threaded. Cost ratios come from "
               "interleaved rounds in one process (robust to drifts); absolute times are not.",
