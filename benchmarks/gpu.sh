@@ -19,6 +19,9 @@ start=$SECONDS
 for NS in bfloat16 float32; do
   "$PY" -m benchmarks.scale --device cuda --ns_dtype "$NS" --setting "$SETTING" --json "$OUT/scale_cuda_$NS.json"
 done
+# 3. the FSDP2 (DTensor) path on CUDA with NCCL: world size 1 exercises sharded state, owner-computes
+#    Newton–Schulz (all-to-all) and the cross-shard reductions (benchmarks/fsdp2.py)
+"$PY" -m torch.distributed.run --nproc_per_node 1 -m benchmarks.fsdp2 --device cuda --out "$OUT/fsdp2_cuda.json"
 { echo "card: $CARD"; date -u; } > "$OUT/gpu_tests.log"
 status=0
 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/gpu_tests.log" || status=$?

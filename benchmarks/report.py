@@ -28,7 +28,7 @@ FAMILY_GROK = ("muon", "muon (match_rms_adamw)", "rmsuon", "ada_rmsuon", "ars", 
 
 def load(paths: common.Paths) -> dict[str, Any]:
     data = {}
-    for name in ("cost", "grokking", "wt2", "reference", "scale"):
+    for name in ("cost", "grokking", "wt2", "reference", "scale", "fsdp2"):
         path = paths.result(name)
         if path.is_file():
             data[name] = common.read_json(path)
@@ -906,6 +906,10 @@ def build(setting: str, paths: common.Paths) -> Path:
         from . import scale
 
         lines += scale.section(data["scale"], scale.gpu_results(paths.results))
+    if "fsdp2" in data:  # benchmarks/fsdp2.py (torchrun): per-rank memory and step, DDP vs FSDP2
+        from .fsdp2 import section as fsdp2_section
+
+        lines += fsdp2_section(data["fsdp2"])
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     common.log(f"report: {paths.report} ({len(files)} plots in {paths.plots})")

@@ -109,17 +109,52 @@ def test_unknown_name_lists_valid_ones():
         optimizer_cls_and_kwargs("ars3")
 
 
-@pytest.mark.parametrize("engine", ["deepspeed", "fsdp_args", "fsdp_env"])
-def test_deepspeed_and_fsdp_are_refused(engine, monkeypatch):
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp1_args", "fsdp1_env"])
+def test_deepspeed_and_fsdp1_are_refused(engine, monkeypatch):
     args = types.SimpleNamespace(deepspeed=None, fsdp=None, fsdp_config=None)
     if engine == "deepspeed":
         args.deepspeed = "ds_zero2.json"
-    elif engine == "fsdp_args":
-        args.fsdp = "full_shard"
+    elif engine == "fsdp1_args":
+        args.fsdp, args.fsdp_config = "full_shard", {"version": 1}
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # Accelerate's default version is 1
+    with pytest.raises(ValueError, match="DDP") as err:
+        check_engine_supported(args)
+    assert "FSDP2" in str(err.value) and "fsdp_size" in str(err.value)
+    if engine == "deepspeed":
+        assert "DeepSpeed's built-in Muon" in str(err.value)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2_args", "fsdp2_default", "fsdp2_env"])
+def test_fsdp2_is_accepted(engine, monkeypatch):
+    args = types.SimpleNamespace(deepspeed=None, fsdp=None, fsdp_config=None)
+    if engine == "fsdp2_args":
+        args.fsdp, args.fsdp_config = "full_shard", {"version": 2}
+    elif engine == "fsdp2_default":
+        args.fsdp = "full_shard"  # transformers' default FSDP version is 2
     else:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="DDP"):
-        check_engine_supported(args)
+        monkeypatch.setenv("FSDP_VERSION", "2")
+    check_engine_supported(args)
+
+
+def test_fsdp1_wrapped_model_is_refused_by_the_factory():
+    from hf_rmsuon.integration.factory import FamilyOptimizerFactory
+
+    class FakeFSDP1(torch.nn.Linear):
+        pass
+
+    import torch.distributed.fsdp as fsdp
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    original = fsdp.FullyShardedDataParallel
+    try:  # an FSDP1 wrapper needs a process group; any module of that class is what the check looks for
+        fsdp.FullyShardedDataParallel = FakeFSDP1
+        model.append(FakeFSDP1(4, 4))
+        with pytest.raises(ValueError, match="FSDP1"):
+            FamilyOptimizerFactory()(model, optimizer_name="muon")
+    finally:
+        fsdp.FullyShardedDataParallel = original
 
 
 # -- RMSuonTrainer ------------------------------------------------------------------------------------------

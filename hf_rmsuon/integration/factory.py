@@ -69,26 +69,54 @@ def _truthy(value: str | None) -> bool:
     return str(value).lower() in ("1", "true", "yes")
 
 
+FSDP2_COMMANDS = (
+    "FSDP2: `accelerate launch --config_file recipes/accelerate_fsdp2.yaml train.py ...` (fsdp_version: 2), "
+    "`--fsdp full_shard --fsdp_config '{\"version\": 2}'`, transformers' "
+    "`from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))`, or `fully_shard` in your own loop"
+)
+
+
+def fsdp_version(args: Any) -> int | None:
+    """The FSDP version a run asks for (``args.fsdp``/``fsdp_config`` or Accelerate's environment), or None."""
+    config = getattr(args, "fsdp_config", None) or {}
+    explicit = config.get("version", config.get("fsdp_version"))
+    if getattr(args, "fsdp", None):
+        return int(explicit or 2)  # transformers' default is FSDP2
+    if _truthy(os.environ.get("ACCELERATE_USE_FSDP")):
+        return int(explicit or os.environ.get("FSDP_VERSION", "1"))  # Accelerate's default is FSDP1
+    return None
+
+
 def check_engine_supported(args: Any) -> None:
-    """Refuse DeepSpeed ZeRO and FSDP1: they shard or flatten parameters, so a matrix-track
-    optimizer would orthogonalize fragments and a SAM pass would perturb shards — training wrong
-    without any error. FSDP2 (DTensor) support is a later goal."""
+    """Refuse DeepSpeed ZeRO and FSDP1 before any model or data is loaded: they flatten parameters
+    into 1-D partitions, so a matrix-track optimizer would see no matrices and a SAM pass would perturb
+    fragments — training wrong without any error. FSDP2 (DTensor parameters) is supported; its layout
+    (1-D mesh, ``Shard(0)``) is checked when the optimizer sees the parameters."""
     deepspeed = getattr(args, "deepspeed", None) or _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED"))
     if deepspeed:
         raise ValueError(
-            "hf_rmsuon optimizers do not support DeepSpeed (ZeRO shards and flattens parameters, so "
-            "Newton–Schulz would see fragments instead of weight matrices). Train with DDP instead: "
-            f"{DDP_COMMANDS}; no --use_deepspeed / --deepspeed."
+            "hf_rmsuon optimizers do not support DeepSpeed: ZeRO hands client optimizers flat fp32 partitions, "
+            "so Newton–Schulz would see fragments instead of weight matrices. For plain Muon use DeepSpeed's "
+            "built-in Muon optimizer (\"optimizer\": {\"type\": \"Muon\"} in the DeepSpeed config); for the "
+            f"RMSuon family use {FSDP2_COMMANDS}; or DDP: {DDP_COMMANDS}."
         )
-    fsdp = getattr(args, "fsdp", None) or _truthy(os.environ.get("ACCELERATE_USE_FSDP"))
-    if fsdp:
-        config = getattr(args, "fsdp_config", None) or {}
-        version = str(config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", "1"))))
+    version = fsdp_version(args)
+    if version is not None and version != 2:
         raise ValueError(
-            f"hf_rmsuon optimizers do not support FSDP (version {version}): FSDP1 flattens parameters and "
-            "FSDP2/DTensor support is not implemented yet, so matrices would be orthogonalized per shard. "
-            f"Train with DDP instead: {DDP_COMMANDS}; no --fsdp."
+            f"hf_rmsuon optimizers do not support FSDP version {version} (FSDP1 flattens parameters, so "
+            f"matrices would be orthogonalized as fragments). Use {FSDP2_COMMANDS}; or DDP: {DDP_COMMANDS}."
         )
+
+
+def check_model_supported(model: nn.Module) -> None:
+    """Refuse a model wrapped in FSDP1 (flat parameters), whatever route wrapped it."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - builds without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(f"hf_rmsuon optimizers do not support FSDP1-wrapped models (flat parameters). Use "
+                         f"{FSDP2_COMMANDS}; or DDP: {DDP_COMMANDS}.")
 
 
 def routing_summary(name: str, report: Any) -> str:
@@ -145,6 +173,7 @@ class FamilyOptimizerFactory:
 
     def __call__(self, model: nn.Module, *, optimizer_name: str, **hyperparameters: Any) -> FamilyOptimizer:
         _check_second_pass(optimizer_name, hyperparameters)
+        check_model_supported(model)
         optimizer = create_optimizer(optimizer_name, model, data_parallel_group=data_parallel_group(model),
                                      **hyperparameters)
         logger.info("hf_rmsuon: %s with %s", optimizer_name, hyperparameters)
