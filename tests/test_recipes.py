@@ -420,7 +420,7 @@ def test_run_grokking_learns_the_training_set():
     ~40–60 epochs here); curves and milestones have the documented shape."""
     result = grokking.run_grokking("adamw", lr=1e-2, seed=0, epochs=150, batch_size=0, modulus=23,
                                    d_model=32, n_heads=4, d_mlp=64, progress=False)
-    assert result["epochs_run"] == 150 and set(result["epochs_to"]) == {"0.5", "0.9", "0.99"}
+    assert result["epochs_run"] == 150 and set(result["epochs_to"]) == {"0.1", "0.5", "0.9", "0.99"}  # 0.1: onset
     assert all(len(v) == 150 for v in result["curves"].values())
     assert result["final"]["train_acc"] == 1.0
     assert result["curves"]["train_loss"][-1] < 0.1 * result["curves"]["train_loss"][0]
