@@ -275,8 +275,14 @@ def update_moments_(
     if not grads:
         return
     ema_lerp_(exp_avgs, grads, beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    ema_square_(exp_avg_sqs, grads, beta2)
+
+
+def ema_square_(buffers: list[Tensor], values: list[Tensor], beta: float) -> None:
+    """In place: ``v ← β·v + (1−β)·x²`` (Adam's second moment; AdaMuon's of the orthogonalized sign)."""
+    if buffers:
+        torch._foreach_mul_(buffers, beta)
+        torch._foreach_addcmul_(buffers, values, values, value=1.0 - beta)
 
 
 def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:

@@ -268,8 +268,7 @@ class AdaptiveRMSRescale(Stage):
     def __call__(self, batch: MatrixBatch) -> None:
         beta2, eps = batch.group["betas"][1], batch.group["eps"]
         sqs = [batch.buffer(i, "exp_avg_sq") for i in range(len(batch.ortho))]
-        torch._foreach_mul_(sqs, beta2)
-        torch._foreach_addcmul_(sqs, batch.ortho, batch.ortho, value=1.0 - beta2)
+        F.ema_square_(sqs, batch.ortho, beta2)
         denoms = torch._foreach_sqrt(sqs)
         torch._foreach_add_(denoms, eps)
         adapted = list(torch._foreach_div(batch.ortho, denoms))
