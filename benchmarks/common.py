@@ -61,6 +61,19 @@ def resolve_data_dir(override: str | Path | None = None) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+def prepare_wt2_offline(data_dir: str | Path | None, preset: str) -> Path:
+    """The WT2-offline directory (its files checked), with the BPE tokenizer of the wikitext2 recipe's
+    ``preset`` trained and cached here once, so that the parallel workers only load it."""
+    data = resolve_data_dir(data_dir)
+    for f in ("wiki.valid.tokens", "wiki.test.tokens"):
+        if not (data / f).is_file():
+            raise SystemExit(f"WT2-offline data not found: {data / f} (pass --data_dir or set HF_RMSUON_WT2_DIR)")
+    rc = load_recipe("_common")
+    train_lines, _ = rc.hold_out(rc.read_text_file(data / "wiki.valid.tokens"), 5)
+    rc.get_bpe_tokenizer(train_lines, load_recipe("wikitext2").PRESETS[preset].vocab_size)
+    return data
+
+
 def load_recipe(name: str):
     """``recipes/<name>.py`` as a module (the recipes import ``_common`` as a top-level module)."""
     if str(RECIPES) not in sys.path:

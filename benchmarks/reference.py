@@ -194,15 +194,9 @@ def _grok_key(r: dict[str, Any]) -> tuple:
 def run(setting: str, paths: common.Paths, data_dir: str | None = None, workers: int = 2,
         resume: bool = True) -> dict[str, Any]:
     cfg = SETTINGS[setting]
-    data = common.resolve_data_dir(data_dir)
-    for f in ("wiki.valid.tokens", "wiki.test.tokens"):
-        if not (data / f).is_file():
-            raise SystemExit(f"WT2-offline data not found: {data / f} (pass --data_dir or set HF_RMSUON_WT2_DIR)")
     start = time.perf_counter()
+    data = common.prepare_wt2_offline(data_dir, cfg.wt2_preset)
     cache = paths.cache / NAME
-    rc = common.load_recipe("_common")  # train (and cache) the tokenizer once, before the workers
-    train_lines, _ = rc.hold_out(rc.read_text_file(data / "wiki.valid.tokens"), 5)
-    rc.get_bpe_tokenizer(train_lines, common.load_recipe("wikitext2").PRESETS[cfg.wt2_preset].vocab_size)
     result: dict[str, Any] = {"benchmark": NAME, "setting": setting, "config": asdict(cfg), "data_dir": str(data),
                               "environment": common.environment(), "partial": True}
 

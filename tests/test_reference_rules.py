@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from _numeric import Recorder
 from _numeric import assert_rel as _assert_rel
 from _numeric import gen as _gen
 from torch import nn
@@ -30,29 +31,6 @@ from hf_rmsuon import create_optimizer, get_optimizer_class
 mse = nn.functional.mse_loss
 
 
-class Recorder:
-    """A closure over (model, batch) that records, per call, the weights it saw, the gradients it
-    produced and the loss — the test's own view of the passes of one step."""
-
-    def __init__(self, opt, model):
-        self.opt, self.model = opt, model
-        self.params = list(model.parameters())
-        self.batch = None
-        self.calls: list[dict] = []
-
-    def __call__(self):
-        self.opt.zero_grad()
-        x, y = self.batch
-        loss = mse(self.model(x), y)
-        loss.backward()
-        self.calls.append({"weights": [p.detach().clone() for p in self.params],
-                           "grads": [p.grad.detach().clone() for p in self.params],
-                           "loss": float(loss.detach())})
-        return loss
-
-    def step(self, batch):
-        self.batch, self.calls = batch, []
-        return self.opt.step(self)
 
 
 def _minibatches(x, y, n, size, seed):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _numeric import Recorder
 from _numeric import assert_rel as _assert_rel
 from _numeric import gen as _gen
 from torch import nn
@@ -31,29 +32,6 @@ def _batches(n, size=8, seed=0, dtype=torch.float32):
     return out
 
 
-class Recorder:
-    """A closure over (model, batch) that records, per call, the parameters it saw and the gradients
-    it produced — the test's own view of the two SAM passes."""
-
-    def __init__(self, opt, model):
-        self.opt, self.model = opt, model
-        self.params = list(model.parameters())
-        self.batch = None
-        self.calls: list[dict] = []
-
-    def __call__(self):
-        self.opt.zero_grad()
-        x, y = self.batch
-        loss = mse(self.model(x), y)
-        loss.backward()
-        self.calls.append({"weights": [p.detach().clone() for p in self.params],
-                           "grads": [p.grad.detach().clone() for p in self.params],
-                           "loss": float(loss.detach())})
-        return loss
-
-    def step(self, batch):
-        self.batch, self.calls = batch, []
-        return self.opt.step(self)
 
 
 # --------------------------------------------------------------------------------------------------
