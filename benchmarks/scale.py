@@ -709,7 +709,40 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "k1_vs_ada_rmsuon": _med(k1) / _med(ada),
         "paired_k1_vs_ada_rmsuon": paired(k1["samples"], ada["samples"]),
     }
-    return {"optimizer_step": table, "adamw_track": track, "training_step": training}
+    return {"optimizer_step": table, "adamw_track": track, "training_step": training,
+            "targets": issue14_targets(table, track, training, muon, torch_fp32)}
+
+
+def issue14_targets(table: dict[str, Any], track: dict[str, Any], training: dict[str, Any], muon: str | None,
+                    torch_fp32: str | None) -> dict[str, dict[str, Any]]:
+    """Issue 14's "must show" ratios on this run (value, target, met)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, value: float | None, target: float, op: str = "<=") -> None:
+        if value is not None:
+            out[name] = {"value": value, "target": target, "op": op,
+                         "met": bool(value <= target if op == "<=" else value >= target)}
+
+    peers = [e["median_ms"] for n, e in table.items() if n.startswith("pytorch-optimizer")]
+    if muon and torch_fp32:
+        add("muon_vs_torch_muon_fp32", table[muon]["vs_torch_muon_fp32"], 0.95)
+    if muon and peers:
+        add("muon_vs_fastest_pytorch_optimizer_muon", table[muon]["median_ms"] / min(peers), 1.0)
+    ada = next((n for n in table if n.startswith("ada_rmsuon")), None)
+    if muon and ada:
+        add("ada_rmsuon_vs_muon", table[ada]["median_ms"] / table[muon]["median_ms"], 1.05)
+    add("adamw_track_vs_fused", track["ours_vs_fused"], 1.2)
+    if muon:
+        add("muon_limit_fraction", table[muon].get("limit_fraction"), 0.95, ">=")
+    add("lazy_training_step_vs_ada_rmsuon", training["lazy_vs_ada_rmsuon"], 1.03)
+    sam = [e["sam_bookkeeping_vs_step"] for e in table.values() if "sam_bookkeeping_vs_step" in e]
+    if sam:
+        add("sam_bookkeeping_vs_sync_step", max(sam), 0.05)
+    syncs = [v for n, e in table.items() if e.get("host_syncs") and not n.startswith(("torch", "pytorch"))
+             for v in e["host_syncs"].values()]
+    if syncs:
+        add("family_host_reads_per_step", float(max(syncs)), 0.0)
+    return out
 
 
 PARTS = ("ns_shapes", "optimizer_step", "adamw_track", "training_step")
@@ -860,6 +893,11 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
             f"{_f(t['ada_rmsuon_vs_adamw'])}× torch AdamW; ars2_neo lazy step {_f(t['lazy_vs_ada_rmsuon'])}× "
             f"ada_rmsuon (paired {_f(t['paired_lazy_vs_ada_rmsuon'])}); ars2_neo k=1 "
             f"{_f(t['k1_vs_ada_rmsuon'])}× (paired {_f(t['paired_k1_vs_ada_rmsuon'])}).", ""]
+    targets = s.get("targets", {})
+    if targets:
+        out += ["Issue 14's targets on this run: " + "; ".join(
+            f"{n.replace('_', ' ')} {_f(t['value'])} ({t['op']} {t['target']}: {'met' if t['met'] else '**missed**'})"
+            for n, t in targets.items()) + ".", ""]
     out += ["### Scale on a GPU", ""]
     if gpu:
         for g in gpu:
