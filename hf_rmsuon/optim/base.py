@@ -385,19 +385,21 @@ class FamilyOptimizer(torch.optim.Optimizer):
         with the kernel: :func:`~hf_rmsuon.functional.fused_adamw_applicable`), else foreach."""
         lr, adam_betas, adam_eps, wd = self.adamw_settings(group)
         states = [self.state[p] for p in params]
+        values = [F.local(p) for p in params]  # local shards under FSDP2: the kernel runs on those
         # a moment not created yet will be zeros like p in the state dtype: p stands in for it, or an
         # empty tensor of that dtype when it differs (which rules the fused kernel out)
-        moments = [[st[k] if k in st else p if self._state_dtype(p) == p.dtype else p.new_empty(0, dtype=self._state_dtype(p))
-                    for p, st in zip(params, states)] for k in ("exp_avg", "exp_avg_sq")]
-        if F.fused_adamw_applicable(params, grads, moments[0], moments[1], adam_betas):
+        moments = [[F.local(st[k]) if k in st else v if self._state_dtype(v) == v.dtype
+                    else v.new_empty(0, dtype=self._state_dtype(v)) for v, st in zip(values, states)]
+                   for k in ("exp_avg", "exp_avg_sq")]
+        if F.fused_adamw_applicable(values, grads, moments[0], moments[1], adam_betas):
             for p, st in zip(params, states):  # zero moments on first use; step stays a Python int
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key not in st:
                         st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] = st.get("step", 0) + 1
-            F.fused_adamw_(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                           [st["step"] for st in states], lr, adam_betas, adam_eps,
-                           [wd if s.decay else 0.0 for s in specs])
+            F.fused_adamw_(values, grads, [F.local(st["exp_avg"]) for st in states],
+                           [F.local(st["exp_avg_sq"]) for st in states], [st["step"] for st in states], lr,
+                           adam_betas, adam_eps, [wd if s.decay else 0.0 for s in specs])
             return
         exp_avgs, denoms, bias_corrections1 = advance_adam_moments(
             self._in_state_dtype(params, grads), [self.state[p] for p in params], adam_betas, adam_eps,
