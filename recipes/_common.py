@@ -695,6 +695,75 @@ def recommended_optimizer_defaults(optim: str) -> dict[str, Any]:
             "adam_epsilon": schema["eps"].default}
 
 
+# --------------------------------------------------------------------------------------------------
+# token accuracy: evaluate's metric when available offline, else the same formula
+# --------------------------------------------------------------------------------------------------
+
+_ACCURACY: dict[str, Any] = {}
+
+
+def accuracy_metric() -> tuple[Any, str]:
+    """``(metric, source)``: ``evaluate.load("accuracy")`` if it loads (installed and cached or Hub
+    reachable), else ``(None, "formula")``. Loaded once per process."""
+    if "metric" not in _ACCURACY:
+        _ACCURACY["metric"], _ACCURACY["source"] = None, "formula"
+        try:
+            import evaluate
+            from huggingface_hub import is_offline_mode
+
+            # offline, evaluate.load retries the Hub for a while before it gives up: ask it only
+            # when the Hub answers (a cached metric is found either way under HF_HUB_OFFLINE=1)
+            if is_offline_mode() or probe_hub(timeout=3.0) is None:
+                _ACCURACY["metric"], _ACCURACY["source"] = evaluate.load("accuracy"), "evaluate"
+        except Exception:  # not installed, not cached, …: the same formula
+            pass
+    return _ACCURACY["metric"], _ACCURACY["source"]
+
+
+def token_accuracy(predictions: np.ndarray, references: np.ndarray) -> tuple[float, str]:
+    """Share of counted target tokens predicted exactly (flat arrays of token ids)."""
+    if len(references) == 0:
+        return float("nan"), "formula"
+    metric, source = accuracy_metric()
+    if metric is not None:
+        return float(metric.compute(predictions=predictions, references=references)["accuracy"]), source
+    return float(np.mean(predictions == references)), source
+
+
+@torch.no_grad()
+def evaluate_tokens(trainer: Any) -> dict[str, float]:
+    """Validation loss and next-token accuracy over the tokens the loss counts (label ≠ -100), over
+    the whole evaluation set: under several processes every rank's tokens are gathered first."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    preds, refs, nll = [], [], torch.zeros((), dtype=torch.float64)
+    for batch in trainer.get_eval_dataloader():
+        batch = trainer._prepare_inputs(batch)
+        labels = batch.pop("labels")
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        nll = nll + torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum").double().cpu()
+        preds.append(logits.argmax(-1)[mask])
+        refs.append(targets[mask])
+    model.train(was_training)
+    device = trainer.accelerator.device
+    pred, ref = torch.cat(preds).to(device), torch.cat(refs).to(device)
+    if trainer.accelerator.num_processes > 1:  # ranks hold different numbers of tokens: pad, gather, unpad
+        pred = trainer.accelerator.gather(trainer.accelerator.pad_across_processes(pred, pad_index=-1))
+        ref = trainer.accelerator.gather(trainer.accelerator.pad_across_processes(ref, pad_index=-1))
+        keep = ref != -1
+        pred, ref = pred[keep], ref[keep]
+        nll = trainer.accelerator.reduce(nll.to(device), reduction="sum").cpu()
+    count = int(ref.numel())
+    nll = float(nll)
+    accuracy, source = token_accuracy(pred.cpu().numpy(), ref.cpu().numpy())
+    return {"loss": nll / max(count, 1), "token_accuracy": accuracy, "tokens": count, "accuracy_source": source}
+
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

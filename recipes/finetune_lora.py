@@ -150,10 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preprocess_logits_for_metrics=common.token_nll_stats, callbacks=[common.RoutingReportCallback()],
     )
     before = trainer.evaluate(metric_key_prefix="before")
+    accuracy_before = common.evaluate_tokens(trainer)["token_accuracy"]
     clock = common.Stopwatch()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = clock.seconds()
     after = common.final_eval_metrics(trainer)
+    tokens = common.evaluate_tokens(trainer)  # next-token accuracy (evaluate's metric when it loads)
     trainer.save_model()  # the adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer
 
     summary = {
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trainable_parameters": trainable, "total_parameters": total, "steps": trainer.state.global_step,
         "train_loss": train_result.training_loss, "eval_perplexity_before": before["before_perplexity"],
         "eval_loss": after["eval_token_loss"], "eval_perplexity": after["eval_perplexity"],
+        "token_accuracy_before": accuracy_before, "token_accuracy": tokens["token_accuracy"],
+        "accuracy_source": tokens["accuracy_source"],
         "train_seconds": train_seconds, "lora_arguments": asdict(lora_args),
     }
     if main_proc:
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "optim": summary["optim"], "lora_r": lora_args.lora_r, "lora_policy": lora_args.lora_policy or "default",
             "trainable": trainable, "steps": summary["steps"], "train_loss": summary["train_loss"],
             "eval_ppl_before": summary["eval_perplexity_before"], "eval_ppl": summary["eval_perplexity"],
+            "token_acc_before": accuracy_before, "token_acc": tokens["token_accuracy"],
             "adapter": training_args.output_dir,
         }), flush=True)
     return summary

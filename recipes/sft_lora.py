@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
-import numpy as np
-import torch
 from peft import LoraConfig, TaskType
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
@@ -64,64 +62,6 @@ class SFTRecipeArguments:
     lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear."})
-
-
-# --------------------------------------------------------------------------------------------------
-# token accuracy: evaluate's metric when available offline, else the same formula
-# --------------------------------------------------------------------------------------------------
-
-_ACCURACY: dict[str, Any] = {}
-
-
-def accuracy_metric() -> tuple[Any, str]:
-    """``(metric, source)``: ``evaluate.load("accuracy")`` if it loads (installed and cached or Hub
-    reachable), else ``(None, "formula")``. Loaded once per process."""
-    if "metric" not in _ACCURACY:
-        _ACCURACY["metric"], _ACCURACY["source"] = None, "formula"
-        try:
-            import evaluate
-            from huggingface_hub import is_offline_mode
-
-            # offline, evaluate.load retries the Hub for a while before it gives up: ask it only
-            # when the Hub answers (a cached metric is found either way under HF_HUB_OFFLINE=1)
-            if is_offline_mode() or common.probe_hub(timeout=3.0) is None:
-                _ACCURACY["metric"], _ACCURACY["source"] = evaluate.load("accuracy"), "evaluate"
-        except Exception:  # not installed, not cached, …: the same formula
-            pass
-    return _ACCURACY["metric"], _ACCURACY["source"]
-
-
-def token_accuracy(predictions: np.ndarray, references: np.ndarray) -> tuple[float, str]:
-    """Share of counted target tokens predicted exactly (flat arrays of token ids)."""
-    if len(references) == 0:
-        return float("nan"), "formula"
-    metric, source = accuracy_metric()
-    if metric is not None:
-        return float(metric.compute(predictions=predictions, references=references)["accuracy"]), source
-    return float(np.mean(predictions == references)), source
-
-
-@torch.no_grad()
-def evaluate_tokens(trainer: Any) -> dict[str, float]:
-    """Validation loss and next-token accuracy over the tokens the loss counts (label ≠ -100)."""
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    preds, refs, nll, count = [], [], 0.0, 0
-    for batch in trainer.get_eval_dataloader():
-        batch = trainer._prepare_inputs(batch)
-        labels = batch.pop("labels")
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        logits = model(**batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        mask = targets != common.IGNORE_INDEX
-        nll += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-        count += int(mask.sum())
-        preds.append(logits.argmax(-1)[mask].cpu().numpy())
-        refs.append(targets[mask].cpu().numpy())
-    model.train(was_training)
-    accuracy, source = token_accuracy(np.concatenate(preds), np.concatenate(refs))
-    return {"loss": nll / max(count, 1), "token_accuracy": accuracy, "tokens": count, "accuracy_source": source}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,11 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{TAG}] trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) — LoRA r "
               f"{recipe_args.lora_r}; optimizer {common.optim_name(sft_args)} lr {sft_args.learning_rate:g}"
               f"{' optim_args ' + sft_args.optim_args if sft_args.optim_args else ''}", flush=True)
-    before = evaluate_tokens(trainer)
+    before = common.evaluate_tokens(trainer)
     clock = common.Stopwatch()
     result = trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     seconds = clock.seconds()
-    after = evaluate_tokens(trainer)
+    after = common.evaluate_tokens(trainer)
     trainer.save_model()
     summary = {
         "recipe": TAG, "optim": common.optim_name(sft_args), "optim_args": sft_args.optim_args or "",

@@ -314,6 +314,8 @@ def test_finetune_lora_from_the_wikitext2_checkpoint(wikitext2_checkpoint, tmp_p
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["eval_perplexity"] == pytest.approx(ppl, rel=1e-3)
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    assert 0.0 <= summary["token_accuracy_before"] <= 1.0 and 0.0 <= summary["token_accuracy"] <= 1.0
+    assert summary["accuracy_source"] in ("evaluate", "formula") and "token_acc=" in out.stdout
 
 
 def test_finetune_lora_rejects_lora_policy_for_a_non_family_optimizer(tmp_path, capsys):

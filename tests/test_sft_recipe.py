@@ -21,15 +21,15 @@ from test_trl import sentences, word_tokenizer  # noqa: E402
 
 def test_token_accuracy_uses_evaluate_or_the_same_formula(monkeypatch):
     preds, refs = np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])
-    monkeypatch.setattr(sft_lora, "_ACCURACY", {"metric": None, "source": "formula"})
-    assert sft_lora.token_accuracy(preds, refs) == (0.75, "formula")
+    monkeypatch.setattr(sft_lora.common, "_ACCURACY", {"metric": None, "source": "formula"})
+    assert sft_lora.common.token_accuracy(preds, refs) == (0.75, "formula")
 
     class FakeAccuracy:  # evaluate's interface
         def compute(self, predictions, references):
             return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
-    monkeypatch.setattr(sft_lora, "_ACCURACY", {"metric": FakeAccuracy(), "source": "evaluate"})
-    assert sft_lora.token_accuracy(preds, refs) == (0.75, "evaluate")
+    monkeypatch.setattr(sft_lora.common, "_ACCURACY", {"metric": FakeAccuracy(), "source": "evaluate"})
+    assert sft_lora.common.token_accuracy(preds, refs) == (0.75, "evaluate")
 
 
 def test_sft_lora_recipe_runs_offline(tmp_path, monkeypatch, capsys):
@@ -39,7 +39,7 @@ def test_sft_lora_recipe_runs_offline(tmp_path, monkeypatch, capsys):
     rows = [{"prompt": p, "completion": " " + c} for p, c in zip(sentences(40, 3, 6, 5), sentences(40, 2, 4, 6))]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(sft_lora, "_ACCURACY", {"metric": None, "source": "formula"})  # as offline, no cache
+    monkeypatch.setattr(sft_lora.common, "_ACCURACY", {"metric": None, "source": "formula"})  # as offline, no cache
     summary = sft_lora.main([
         "--model_name_or_path", str(model_dir), "--train_file", str(data), "--validation_split_percentage", "20",
         "--optim", "ars2_neo", "--optim_args", "k=2", "--learning_rate", "1e-2", "--max_steps", "6",
