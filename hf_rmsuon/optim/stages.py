@@ -46,7 +46,7 @@ class MatrixBatch:
     denoms: list[Tensor] | None = None  # √v̂+ε, when the member keeps Adam moments
     bias_corrections1: list[float] | None = None  # 1−β1^t per tensor
     energies: Tensor | None = None  # E per tensor (stacked)
-    energy_of_input: Tensor | None = None  # or E = ‖input‖·factor, once the input norms are known
+    energy_of_input: list[float] | None = None  # or E = ‖input‖·factor, once the input norms are known
     ortho: list[Tensor] = field(default_factory=list)  # O
     input_norms: Tensor | None = None  # ‖input‖ and ‖O‖ of whole matrices (orthogonalization stage)
     ortho_norms: Tensor | None = None
@@ -64,7 +64,7 @@ class MatrixBatch:
         """``E`` per tensor: given by the preconditioning stage, or ``‖input‖·factor``."""
         if self.energies is not None:
             return self.energies
-        return self.input_norms * self.energy_of_input
+        return self.input_norms * _as_tensor(self.energy_of_input, self.input_norms)
 
     def updates(self) -> list[Tensor]:
         """``U`` per tensor."""
@@ -183,8 +183,9 @@ class AdamMoments(Stage):
 # --------------------------------------------------------------------------------------------------
 
 
-def _inverse(values: list[float], like: Tensor | None = None) -> Tensor:
-    return 1.0 / torch.tensor(values, dtype=torch.float32, device=like.device if like is not None else None)
+def _as_tensor(values: list[float], like: Tensor) -> Tensor:
+    """Per-tensor Python scalars as a vector beside ``like`` (same device and dtype)."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 class Whiten(Stage):
@@ -197,7 +198,7 @@ class Whiten(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         batch.inputs = F.whiten(batch.inputs, batch.denoms)
-        batch.energy_of_input = _inverse(batch.bias_corrections1)
+        batch.energy_of_input = [1.0 / bc for bc in batch.bias_corrections1]
 
 
 class WhitenedEnergy(Stage):
@@ -207,7 +208,7 @@ class WhitenedEnergy(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         norms = F.frobenius_norms(F.whiten(batch.inputs, batch.denoms), batch.reduce)
-        batch.energies = norms * _inverse(batch.bias_corrections1, norms).to(norms.dtype)
+        batch.energies = norms * _as_tensor([1.0 / bc for bc in batch.bias_corrections1], norms)
 
 
 # --------------------------------------------------------------------------------------------------
