@@ -232,7 +232,9 @@ def orthogonalize(
         offset = 0
         for i, m in members:
             count = m.numel() // (m.shape[-2] * m.shape[-1])
-            results[i] = ortho[offset:offset + count].reshape(tensors[i].shape)
+            # contiguous: tall results are transposed views; later elementwise work and row reductions
+            # then see one memory layout whatever the path (sharded or not)
+            results[i] = ortho[offset:offset + count].reshape(tensors[i].shape).contiguous()
             offset += count
     return results  # type: ignore[return-value]
 
@@ -311,9 +313,10 @@ def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: list
     return list(whitened)
 
 
-#: Sums a tensor of per-shard partial results across the shards of a sharded (FSDP2) model; the
-#: reductions below take one so that a norm or a dot product is always of the *whole* tensor.
-Reduce = Callable[[Tensor], Tensor]
+#: Under FSDP2 (row-sharded tensors): maps each tensor's per-row partial results on this rank to the
+#: whole tensor's per-row results (gathered from every rank, in row order). The reductions below sum
+#: per-row results in row order, so a sharded tensor gives bit-for-bit the unsharded result.
+Reduce = Callable[[list[Tensor]], list[Tensor]]
 
 
 def local(t: Tensor) -> Tensor:
@@ -322,28 +325,49 @@ def local(t: Tensor) -> Tensor:
     return inner if inner is not None else t
 
 
-def frobenius_norms(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:
-    """Per-tensor Frobenius norms, stacked, in float32 (no host sync). With ``reduce`` the tensors are
-    local shards and the squared partial norms are summed across shards first."""
+def _rows(t: Tensor) -> Tensor:
+    # contiguous: a row reduction over strided memory (e.g. a transposed NS result) rounds differently
+    return t.contiguous().reshape(t.shape[0], math.prod(t.shape[1:])) if t.ndim else t.reshape(1, 1)
+
+
+def _accumulation(*tensors: Tensor) -> torch.dtype:
+    """float32 for float32 and lower precision; float64 for float64 tensors."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def whole_norms(tensors: list[Tensor]) -> Tensor:
+    """Frobenius norms of whole (unsharded) tensors, stacked (one multi-tensor kernel)."""
     if not tensors:
         return torch.zeros(0)
-    # float32 accumulation for float32 and lower-precision tensors (float64 ones keep float64)
-    wide = [t for t in tensors if t.dtype == torch.float64]
-    if not wide:
-        norms = torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
-    else:
-        norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else
-                                                      torch.float32).to(torch.float64) for t in tensors])
-    return reduce(norms.square()).sqrt() if reduce is not None else norms
+    if all(t.dtype != torch.float64 for t in tensors):
+        return torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+    return torch.stack([torch.linalg.vector_norm(t, dtype=_accumulation(t)) for t in tensors])
+
+
+def frobenius_norms(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:
+    """Per-tensor Frobenius norms, stacked (no host sync): per-row squared norms summed in row order,
+    so that under FSDP2 (``reduce`` gathers the rows of every shard) the result is bit-identical to
+    the unsharded one."""
+    if not tensors:
+        return torch.zeros(0)
+    rows = [torch.linalg.vector_norm(_rows(t), dim=1, dtype=_accumulation(t)).square() for t in tensors]
+    if reduce is not None:
+        rows = reduce(rows)
+    return torch.stack([r.sum() for r in rows]).sqrt()
 
 
 def dots(a: list[Tensor], b: list[Tensor], reduce: Reduce | None = None) -> Tensor:
-    """Per-pair ``⟨a_i, b_i⟩``, stacked, accumulated in float32 (summed across shards by ``reduce``)."""
+    """Per-pair ``⟨a_i, b_i⟩``, stacked: per-row dot products summed in row order (``reduce``: as in
+    :func:`frobenius_norms`)."""
     if not a:
         return torch.zeros(0)
-    acc = [torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32) for x, y in zip(a, b)]
-    out = torch.stack([torch.vdot(x.flatten().to(d), y.flatten().to(d)) for x, y, d in zip(a, b, acc)])
-    return reduce(out) if reduce is not None else out
+    rows = []
+    for x, y in zip(a, b):
+        acc = _accumulation(x, y)
+        rows.append((_rows(x).to(acc) * _rows(y).to(acc)).sum(1))
+    if reduce is not None:
+        rows = reduce(rows)
+    return torch.stack([r.sum() for r in rows])
 
 
 def global_norm(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:

@@ -318,7 +318,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
     def _reduce(self) -> F.Reduce | None:
         """Sums per-shard partial reductions across the FSDP2 mesh (None when not sharded)."""
-        return self.sharding.sum if self.sharding is not None else None
+        return self.sharding.gather_rows if self.sharding is not None else None
 
     def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         norms: list[Tensor] = []
@@ -425,7 +425,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
         def with_norms(inputs: list[Tensor], views: list[str], shapes: Any = None) -> tuple[list[Tensor], Tensor, Tensor]:
             ortho = orthogonalize(inputs, views)
-            return ortho, F.frobenius_norms(inputs), F.frobenius_norms(ortho)
+            return ortho, F.whole_norms(inputs), F.whole_norms(ortho)
 
         return with_norms
 

@@ -155,11 +155,28 @@ class ShardedLayout:
         chunk = math.ceil(total / self.world) if total else 0
         return [max(0, min(chunk, total - r * chunk)) for r in range(self.world)]
 
-    def sum(self, t: Tensor) -> Tensor:
-        """Per-shard partial results summed over the mesh (one all-reduce)."""
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+    def gather_rows(self, parts: list[Tensor]) -> list[Tensor]:
+        """Per-row partial results of this rank's shards → the whole tensors' per-row results, rank by
+        rank in row order (one all-gather of the row counts, one of the values)."""
+        if not parts:
+            return []
+        device = parts[0].device
+        counts = torch.tensor([p.numel() for p in parts], dtype=torch.int64, device=device)
+        all_counts = [torch.empty_like(counts) for _ in range(self.world)]
+        dist.all_gather(all_counts, counts, group=self.group)
+        sizes = [int(c.sum()) for c in all_counts]
+        buffer = torch.zeros(max(sizes), dtype=parts[0].dtype, device=device)
+        mine = torch.cat([p.reshape(-1) for p in parts])
+        buffer[:mine.numel()] = mine
+        gathered = [torch.empty_like(buffer) for _ in range(self.world)]
+        dist.all_gather(gathered, buffer, group=self.group)
+        pieces: list[list[Tensor]] = [[] for _ in parts]
+        for r in range(self.world):
+            offset = 0
+            for i, n in enumerate(all_counts[r].tolist()):
+                pieces[i].append(gathered[r][offset:offset + n])
+                offset += n
+        return [torch.cat(p) for p in pieces]
 
     def all_true(self, flag: Tensor) -> Tensor:
         """Whether ``flag`` holds on every rank (one all-reduce)."""
@@ -251,11 +268,11 @@ def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[t
 
     norms = torch.zeros(2, len(inputs), dtype=torch.float64, device=like.device)
     if mine:
-        from ..functional import frobenius_norms
+        from ..functional import whole_norms
 
         index = torch.tensor(mine, device=like.device)
-        norms[0, index] = frobenius_norms(whole).to(torch.float64)
-        norms[1, index] = frobenius_norms(ortho).to(torch.float64)
+        norms[0, index] = whole_norms(whole).to(torch.float64)
+        norms[1, index] = whole_norms(ortho).to(torch.float64)
     dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=layout.group)  # one owner per entry: exact
 
     back: list[list[Tensor]] = [[] for _ in range(world)]
