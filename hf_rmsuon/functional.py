@@ -497,7 +497,8 @@ def sam_perturbation(
         scales = rho / (global_norm(directions, reduce) + SHEAR_EPS)
     else:
         scales = rho / (frobenius_norms(directions, reduce) + SHEAR_EPS)
-    return scale_each(directions, scales)
+    torch._foreach_mul_(directions, list(scales.to(directions[0].dtype).unbind()))  # in place: no new copy
+    return directions
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None) -> list[Tensor]:
