@@ -136,6 +136,9 @@ class RoutingOptions:
     no_decay_1d: bool = True
 
     def __post_init__(self) -> None:
+        for key in ("adamw_patterns", "matrix_patterns", "stack_patterns"):  # "a:b" or a list → a tuple
+            value = getattr(self, key)
+            object.__setattr__(self, key, tuple(value.split(":")) if isinstance(value, str) else tuple(value))
         if self.lora_policy not in LORA_POLICIES:
             raise ValueError(f"lora_policy={self.lora_policy!r} is not valid; choose one of {list(LORA_POLICIES)}")
         for key in ("adamw_patterns", "matrix_patterns", "stack_patterns"):
@@ -301,7 +304,7 @@ class Router:
     def finish(self) -> RoutingReport:
         """Add the warnings that need every tensor seen (unused patterns, guesses)."""
         report = self.report
-        report.warnings = [w for w in report.warnings if not w.startswith(("routing pattern", "routing: "))]
+        report.warnings = []  # recomputed from every tensor seen so far (finish runs again after add_param_group)
         for pattern in [*self.options.adamw_patterns, *self.options.matrix_patterns, *self.options.stack_patterns]:
             if pattern not in self.used_patterns:
                 report.warnings.append(f"routing pattern {pattern!r} matched no trainable parameter")
@@ -317,7 +320,7 @@ class Router:
 
 def route_model(model: nn.Module, **options: object) -> RoutingReport:
     """The routing report for a model's trainable parameters (what ``create_optimizer`` would do)."""
-    router = Router(model, RoutingOptions(**_as_tuples(options)))
+    router = Router(model, RoutingOptions(**options))
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
@@ -328,13 +331,9 @@ def route_model(model: nn.Module, **options: object) -> RoutingReport:
 
 def route_tensors(params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], **options: object) -> RoutingReport:
     """The routing report for bare (or named) tensors: the shape rule."""
-    router = Router(None, RoutingOptions(**_as_tuples(options)))
+    router = Router(None, RoutingOptions(**options))
     for i, item in enumerate(params):
         name, p = item if isinstance(item, tuple) else (f"param{i}", item)
         router.route(p, name)
     return router.finish()
 
-
-def _as_tuples(options: dict[str, object]) -> dict[str, object]:
-    return {k: (tuple(v.split(":")) if isinstance(v, str) and k.endswith("_patterns") else
-                tuple(v) if k.endswith("_patterns") else v) for k, v in options.items()}

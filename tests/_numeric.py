@@ -1,4 +1,7 @@
-"""Small numeric helpers shared by the optimizer tests, and the SAM closure recorder."""
+"""Helpers shared by the tests: numeric comparisons, the SAM closure recorder and protocol driver,
+and a free port for multi-process runs."""
+
+import socket
 
 import torch
 
@@ -37,3 +40,36 @@ class Recorder:
     def step(self, batch):
         self.batch, self.calls = batch, []
         return self.opt.step(self)
+
+
+class Driver:
+    """``sam_pass_due → begin_sam_pass → (second backward) → end_sam_pass → step`` with given
+    gradients; returns whether the step synced and the weights seen inside the second pass."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params = opt, params
+
+    def step(self, g, g_adv=None, loss=None, adv_loss=None):
+        for p, gi in zip(self.params, g):
+            p.grad = gi.clone()
+        due = self.opt.sam_pass_due()
+        perturbed = None
+        if due:
+            w = [p.detach().clone() for p in self.params]
+            self.opt.begin_sam_pass()
+            perturbed = [p.detach().clone() for p in self.params]
+            assert all(torch.count_nonzero(p.grad) == 0 for p in self.params)  # zeroed for the replay
+            for p, ga in zip(self.params, g_adv):
+                p.grad.add_(ga)
+            self.opt.end_sam_pass(loss, adv_loss)
+            for p, a in zip(self.params, w):
+                assert torch.equal(p.detach(), a)  # restored exactly, before the update
+        self.opt.step()
+        return due, perturbed
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (tests may run multi-process jobs side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

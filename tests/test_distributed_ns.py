@@ -5,12 +5,11 @@ with different tensors never hang."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _numeric import free_port
 
 import hf_rmsuon
 from hf_rmsuon import functional as F
@@ -71,17 +70,12 @@ def _worker(rank: int, port: int, name: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("name", ["muon", "ada_rmsuon"])
 def test_split_newton_schulz_is_bit_identical_and_shares_work(name):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, name, queue))
              for r in range(WORLD)]
     for p in procs:
@@ -142,7 +136,7 @@ def _independent_worker(rank: int, port: int, queue) -> None:
 def test_no_split_or_mixing_without_a_data_parallel_group():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_independent_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()

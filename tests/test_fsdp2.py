@@ -5,13 +5,13 @@ pair of spawned processes (bounded by a timeout) and reports back plain values."
 
 from __future__ import annotations
 
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _numeric import free_port
 from torch import nn
 
 WORLD = 2
@@ -343,18 +343,14 @@ def _worker(rank: int, port: int, names: list[str], queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results() -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     names = list(SCENARIOS)
-    procs = [ctx.Process(target=_worker, args=(r, PORT, names, queue)) for r in range(WORLD)]
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, names, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
     out: dict = {}
@@ -371,8 +367,6 @@ def results() -> dict:
                 p.kill()
     return out
 
-
-PORT = _free_port()
 
 
 def _both(results, name):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_fsdp2 import _free_port
+from _numeric import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_trainer.py"
 
@@ -21,7 +21,7 @@ def _torchrun(mode: str, tmp: Path) -> dict:
     out = tmp / f"{mode}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(SCRIPT), mode, str(out), str(tmp / "checkpoint")],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

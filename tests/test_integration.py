@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _numeric import free_port
 from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
 
 import hf_rmsuon
@@ -315,17 +315,12 @@ def test_launcher_unknown_optim_lists_valid_names(tmp_path):
     assert "invalid choice" in out.stderr and "ars2_neo" in out.stderr and "adamw_torch" in out.stderr
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_launcher_under_multi_process_launchers(tmp_path, launcher):
     bindir = Path(sys.executable).parent
-    port = free_port()  # other tests may run DDP at the same time (pytest-xdist)
+    port = str(free_port())  # other tests may run DDP at the same time (pytest-xdist)
     if launcher == "accelerate":
         prefix = (str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                   "--main_process_port", port, "-m", "hf_rmsuon.run")

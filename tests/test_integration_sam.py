@@ -222,7 +222,7 @@ def _ddp_worker(out_dir: str, ga: int) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _run_ddp(tmp_path, monkeypatch, ga: int) -> None:
+def _assert_exact_sam_ddp(tmp_path, monkeypatch, ga: int) -> None:
     from accelerate import debug_launcher
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -248,7 +248,7 @@ def _run_ddp(tmp_path, monkeypatch, ga: int) -> None:
 
 @pytest.mark.parametrize("ga", [1, 2])
 def test_exact_sam_ddp(tmp_path, monkeypatch, ga):
-    _run_ddp(tmp_path, monkeypatch, ga)
+    _assert_exact_sam_ddp(tmp_path, monkeypatch, ga)  # every check lives in the helper
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _numeric import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -327,11 +327,6 @@ def test_finetune_lora_rejects_lora_policy_for_a_non_family_optimizer(tmp_path, 
     assert exc.value.code == 2 and "family optimizers" in capsys.readouterr().err
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def test_wikitext2_two_process_cpu_run_through_accelerate_launch(tmp_path):
     """Real 2-process DDP (gloo): one tokenizer training (main process first), one notice, one
@@ -339,7 +334,7 @@ def test_wikitext2_two_process_cpu_run_through_accelerate_launch(tmp_path):
     accelerate = str(Path(PY).parent / "accelerate")
     tok_cache = tmp_path / "tok"
     out = run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "recipes/wikitext2.py", *TINY_LM, "--optim", "ars2_neo", "--use_excerpt", "--output_dir",
                str(tmp_path / "ddp"), "--tokenizer_cache_dir", str(tok_cache)], tmp_path, timeout=300)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -372,7 +367,7 @@ def test_two_process_run_shuts_down_cleanly_when_the_script_destroys_the_process
         "print('process group destroyed', flush=True)\n")
     accelerate = str(Path(PY).parent / "accelerate")
     out = run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(script), "--preset", "tiny", "--max_steps", "4", "--disable_tqdm", "true", "--eval_strategy",
                "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--optim", "ars2_neo",
                "--optim_args", "k=2,adaptive_sync=true,asi=true", "--use_excerpt", "--output_dir",

@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from _numeric import Recorder
+from _numeric import Driver, Recorder
 from _numeric import assert_rel as _assert_rel
 from _numeric import gen as _gen
 from torch import nn
@@ -132,29 +132,6 @@ def test_aga_signed_rule_matches_transcription(ref, k, aga_lambda, aga_beta):
 # --------------------------------------------------------------------------------------------------
 
 
-class Driver:
-    """``sam_pass_due → begin_sam_pass → (second backward) → end_sam_pass → step`` with given
-    gradients; returns whether the step synced and the weights seen inside the second pass."""
-
-    def __init__(self, opt, params):
-        self.opt, self.params = opt, params
-
-    def step(self, g, g_adv=None, loss=None, adv_loss=None):
-        for p, gi in zip(self.params, g):
-            p.grad = gi.clone()
-        due = self.opt.sam_pass_due()
-        perturbed = None
-        if due:
-            w = [p.detach().clone() for p in self.params]
-            self.opt.begin_sam_pass()
-            perturbed = [p.detach().clone() for p in self.params]
-            for p, ga in zip(self.params, g_adv):
-                p.grad.add_(ga)
-            self.opt.end_sam_pass(loss, adv_loss)
-            for p, a in zip(self.params, w):
-                assert torch.equal(p.detach(), a)  # restored exactly, before the update
-        self.opt.step()
-        return due, perturbed
 
 
 # --------------------------------------------------------------------------------------------------

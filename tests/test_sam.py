@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _numeric import Recorder
+from _numeric import Driver, Recorder
 from _numeric import assert_rel as _assert_rel
 from _numeric import gen as _gen
 from torch import nn
@@ -179,29 +179,6 @@ def _float64_tensors(seed=3):
     return mats, vecs
 
 
-class Driver:
-    """``sam_pass_due → begin_sam_pass → (second backward) → end_sam_pass → step`` with given gradients."""
-
-    def __init__(self, opt, params):
-        self.opt, self.params = opt, params
-
-    def step(self, g, g_adv=None, loss=None, adv_loss=None):
-        for p, gi in zip(self.params, g):
-            p.grad = gi.clone()
-        due = self.opt.sam_pass_due()
-        perturbed = None
-        if due:
-            w = [p.detach().clone() for p in self.params]
-            self.opt.begin_sam_pass()
-            perturbed = [p.detach().clone() for p in self.params]
-            assert all(torch.count_nonzero(p.grad) == 0 for p in self.params)  # zeroed for the replay
-            for p, ga in zip(self.params, g_adv):
-                p.grad.add_(ga)
-            self.opt.end_sam_pass(loss, adv_loss)
-            for p, a in zip(self.params, w):
-                assert torch.equal(p.detach(), a)  # restored exactly, before the update
-        self.opt.step()
-        return due, perturbed
 
 
 @pytest.mark.parametrize("perturb_norm", ["global", "per_tensor"])

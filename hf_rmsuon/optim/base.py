@@ -26,7 +26,7 @@ from .. import functional as F
 from ..routing import ADAMW, LORA_POLICIES, MATRIX, Router, RoutingOptions, TensorSpec
 from .distributed import ShardedLayout, sharded_orthogonalize, split_orthogonalize
 from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg, optional
-from .stages import MatrixBatch, OrthogonalizeFn, Stage, advance_adam_moments
+from .stages import MatrixBatch, OrthogonalizeFn, Stage, advance_adam_moments, state_buffer
 
 COMMON_HPARAMS = (
     nonneg("lr", 1e-3, "learning rate (both tracks)"),
@@ -121,7 +121,6 @@ class FamilyOptimizer(torch.optim.Optimizer):
         defaults.update(self.schema.validate(hyperparameters, owner))
         self._check_group(defaults, owner)
         self.router = Router(model, RoutingOptions(**routing))
-        self.routing_options = routing
         self.data_parallel_group = data_parallel_group
         self.sharding: ShardedLayout | None = None  # FSDP2: set when DTensor parameters are added
         self._specs: dict[int, TensorSpec] = {}
@@ -171,15 +170,15 @@ class FamilyOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{owner} does not support complex parameters (got dtype {p.dtype})")
         self._check_layout(items, owner)
         index = len(self.param_groups)
+        labels = [self.router.name_of(p, n, f"group{index}.{i}" if index else f"param{i}")
+                  for i, (p, n) in enumerate(zip(items, names))]
         if not named and any("param_names" in g for g in self.param_groups):
-            # torch needs all groups named or none: name the new tensors as the router would report them
-            named = True
-            names = [self.router.name_of(p, n, f"group{index}.{i}") for i, (p, n) in enumerate(zip(items, names))]
+            # torch needs all groups named or none: name the new tensors as the report does
+            named, names = True, labels
         forced = group.get("track")
-        for i, (p, name) in enumerate(zip(items, names)):
+        for p, label in zip(items, labels):
             if id(p) in self._specs:
                 continue  # torch raises below: a tensor in two groups
-            label = self.router.name_of(p, name, f"group{index}.{i}" if index else f"param{i}")
             self._specs[id(p)] = self.router.route(p, label, forced_track=forced,
                                                    explicit_weight_decay="weight_decay" in given)
         group["params"] = list(zip(names, items)) if named else items
@@ -214,8 +213,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         keys = ("exp_avg", "exp_avg_sq") if self._specs[id(p)].track == ADAMW else tuple(
             k for stage in self.matrix_stages for k in stage.state_keys)
         for key in keys:
-            if key not in st:
-                st[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+            state_buffer(st, key, p, self._state_dtype(p))
         if "exp_avg" in keys:
             st.setdefault("step", 0)
 
@@ -386,31 +384,24 @@ class FamilyOptimizer(torch.optim.Optimizer):
         lr, adam_betas, adam_eps, wd = self.adamw_settings(group)
         states = [self.state[p] for p in params]
         values = [F.local(p) for p in params]  # local shards under FSDP2: the kernel runs on those
-        # a moment not created yet will be zeros like p in the state dtype: p stands in for it, or an
-        # empty tensor of that dtype when it differs (which rules the fused kernel out)
-        moments = [[F.local(st[k]) if k in st else v if self._state_dtype(v) == v.dtype
-                    else v.new_empty(0, dtype=self._state_dtype(v)) for v, st in zip(values, states)]
-                   for k in ("exp_avg", "exp_avg_sq")]
-        if F.fused_adamw_applicable(values, grads, moments[0], moments[1], adam_betas):
-            for p, st in zip(params, states):  # zero moments on first use; step stays a Python int
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key not in st:
-                        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avgs = [state_buffer(st, "exp_avg", p, self._state_dtype(p)) for p, st in zip(params, states)]
+        exp_avg_sqs = [state_buffer(st, "exp_avg_sq", p, self._state_dtype(p)) for p, st in zip(params, states)]
+        if F.fused_adamw_applicable(values, grads, exp_avgs, exp_avg_sqs, adam_betas):
+            for st in states:  # step stays a Python int
                 st["step"] = st.get("step", 0) + 1
-            F.fused_adamw_(values, grads, [F.local(st["exp_avg"]) for st in states],
-                           [F.local(st["exp_avg_sq"]) for st in states], [st["step"] for st in states], lr,
+            F.fused_adamw_(values, grads, exp_avgs, exp_avg_sqs, [st["step"] for st in states], lr,
                            adam_betas, adam_eps, [wd if s.decay else 0.0 for s in specs])
             return
         exp_avgs, denoms, bias_corrections1 = advance_adam_moments(
-            self._in_state_dtype(params, grads), [self.state[p] for p in params], adam_betas, adam_eps,
-            self._state_dtype, params)
+            self._in_state_dtype(params, grads), states, adam_betas, adam_eps, self._state_dtype, params)
         updates = F.whiten(exp_avgs, denoms, bias_corrections1)
         decay = [1.0 - lr * wd if s.decay else 1.0 for s in specs]
         F.decay_and_apply_([F.local(p) for p in params], updates, [lr] * len(params), decay)
 
     # -- orthogonalization ----------------------------------------------------------------------------
     def _orthogonalizer(self, group: dict) -> OrthogonalizeFn:
-        """``(inputs, views) → (NS(inputs), ‖inputs‖, ‖NS(inputs)‖)`` with the group's settings: whole
+        """``(inputs, views, shapes, input_norms) → (NS(inputs), ‖inputs‖ or None, ‖NS(inputs)‖)`` with the
+        group's settings: whole
         matrices here; under FSDP2 each matrix is gathered on one owner rank, which computes all three;
         under DDP (a data-parallel group) each rank computes a share."""
         dtype = None if group["ns_dtype"] == "auto" else getattr(torch, group["ns_dtype"])
@@ -423,15 +414,12 @@ class FamilyOptimizer(torch.optim.Optimizer):
             orthogonalize = functools.partial(split_orthogonalize, orthogonalize=orthogonalize,
                                               group=self.data_parallel_group)
 
-        def with_norms(inputs: list[Tensor], views: list[str], shapes: Any = None) -> tuple[list[Tensor], Tensor, Tensor]:
+        def with_norms(inputs: list[Tensor], views: list[str], shapes: Any,
+                       input_norms: bool) -> tuple[list[Tensor], Tensor | None, Tensor]:
             ortho = orthogonalize(inputs, views)
-            return ortho, F.whole_norms(inputs), F.whole_norms(ortho)
+            return ortho, F.whole_norms(inputs) if input_norms else None, F.whole_norms(ortho)
 
         return with_norms
-
-    def set_data_parallel_group(self, group: Any) -> None:
-        """Declare the process group whose ranks hold identical gradients (DDP), enabling ``split_ns``."""
-        self.data_parallel_group = group
 
     # -- diagnostics and state ------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:

@@ -229,8 +229,9 @@ def _exchange(layout: ShardedLayout, send: list[list[Tensor]], recv_numel: list[
     return [buf[:n] for buf, n in zip(in_bufs, recv_numel)]
 
 
-def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[tuple[int, ...]], *,
-                          orthogonalize: OrthogonalizeFn, layout: ShardedLayout) -> tuple[list[Tensor], Tensor, Tensor]:
+def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[tuple[int, ...]], input_norms: bool,
+                          *, orthogonalize: OrthogonalizeFn,
+                          layout: ShardedLayout) -> tuple[list[Tensor], Tensor | None, Tensor]:
     """Newton–Schulz of row-sharded matrices: each matrix's shards go to its owner (one all-to-all),
     the owner orthogonalizes its whole matrices with the same batched kernel as the unsharded path
     (so the result is bit-identical) and takes ``‖input‖`` and ``‖O‖``; the row shards of ``O`` come
@@ -239,7 +240,7 @@ def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[t
         raise RuntimeError("hf_rmsuon: the ranks of the FSDP2 mesh hold gradients for different parameters; "
                            "every rank must step the same parameters")
     if not inputs:
-        return [], torch.zeros(0), torch.zeros(0)
+        return [], torch.zeros(0) if input_norms else None, torch.zeros(0)
     world, rank = layout.world, layout.rank
     owners = assign_owners(shapes, views, world)
     mine = [i for i, o in enumerate(owners) if o == rank]
@@ -271,7 +272,8 @@ def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[t
         from ..functional import whole_norms
 
         index = torch.tensor(mine, device=like.device)
-        norms[0, index] = whole_norms(whole).to(torch.float64)
+        if input_norms:
+            norms[0, index] = whole_norms(whole).to(torch.float64)
         norms[1, index] = whole_norms(ortho).to(torch.float64)
     dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=layout.group)  # one owner per entry: exact
 
@@ -287,4 +289,4 @@ def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[t
         results.append(returned[r][offsets[r]:offsets[r] + n].view(t.shape))
         offsets[r] += n
     dtype = like.dtype if like.dtype == torch.float64 else torch.float32
-    return results, norms[0].to(dtype), norms[1].to(dtype)
+    return results, norms[0].to(dtype) if input_norms else None, norms[1].to(dtype)

@@ -157,11 +157,6 @@ class ARS(AdaRMSuon):
     def _option(self, name: str) -> Any:
         return self.defaults.get(name, False)
 
-    def attach_model(self, model: nn.Module) -> None:
-        """Let ``step(closure)`` keep the model's BatchNorm statistics out of the second pass (modules
-        that run during the pass are protected anyway; this also covers compiled models)."""
-        self._model = weakref.ref(model)
-
     # -- planning ---------------------------------------------------------------------------------------
     def sam_pass_due(self) -> bool:
         """Whether the coming step is a sync step. Call after the base gradient is complete (all

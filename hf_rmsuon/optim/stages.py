@@ -22,10 +22,11 @@ from torch import Tensor
 from .. import functional as F
 from ..routing import TensorSpec
 
-#: ``(inputs, views, global shapes) → (O, ‖inputs‖, ‖O‖)``: the norms are of whole matrices, taken
-#: where the whole matrix is (under FSDP2: on the rank that orthogonalizes it), so sharding does not
-#: change them.
-OrthogonalizeFn = Callable[[list[Tensor], list[str], list[tuple[int, ...]]], tuple[list[Tensor], Tensor, Tensor]]
+#: ``(inputs, views, global shapes, want ‖inputs‖) → (O, ‖inputs‖ or None, ‖O‖)``: the norms are of whole
+#: matrices, taken where the whole matrix is (under FSDP2: on the rank that orthogonalizes it), so
+#: sharding does not change them. ‖inputs‖ is taken only when a stage asked for it.
+OrthogonalizeFn = Callable[[list[Tensor], list[str], list[tuple[int, ...]], bool],
+                           tuple[list[Tensor], Tensor | None, Tensor]]
 
 
 @dataclass
@@ -223,7 +224,8 @@ class Orthogonalize(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         batch.ortho, batch.input_norms, batch.ortho_norms = batch.orthogonalize(
-            batch.inputs, [s.view for s in batch.specs], [s.shape for s in batch.specs])
+            batch.inputs, [s.view for s in batch.specs], [s.shape for s in batch.specs],
+            batch.energy_of_input is not None)
 
 
 # --------------------------------------------------------------------------------------------------
