@@ -260,10 +260,34 @@ def muon_lr_scale(rows: int, cols: int, adjust_lr: str) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def ema_lerp_(buffers: list[Tensor], values: list[Tensor], beta: float) -> None:
-    """In place: ``b ← β·b + (1−β)·x``."""
-    if buffers:
+def gated(keep: Tensor | None, applied: float, skipped: float) -> float | Tensor:
+    """``applied`` on an applied step, ``skipped`` on a skipped one: a 0-d tensor chosen on the device
+    from the step gate ``keep`` (a 0-d bool: every gradient finite), or ``applied`` without a gate.
+    Choosing rather than multiplying keeps the applied value bit-exact; it is float64 (float32 on MPS)
+    so that float64 tensors see the number itself, and lower precisions round it as a Python number."""
+    if keep is None:
+        return applied
+    dtype = torch.float32 if keep.device.type == "mps" else torch.float64
+    return torch.where(keep, torch.full((), applied, dtype=dtype, device=keep.device), skipped)
+
+
+def zero_unless(keep: Tensor | None, tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors on an applied step, zeros on a skipped one (new tensors). A skipped step's gradients
+    may hold inf/NaN, and a masked update ``0·NaN`` is still NaN, so they are replaced before any
+    arithmetic instead of being multiplied away."""
+    if keep is None:
+        return tensors
+    return [torch.where(keep, t, 0.0) for t in tensors]
+
+
+def ema_lerp_(buffers: list[Tensor], values: list[Tensor], beta: float, keep: Tensor | None = None) -> None:
+    """In place: ``b ← β·b + (1−β)·x``; unchanged on a step the gate ``keep`` skips (``values`` finite)."""
+    if not buffers:
+        return
+    if keep is None:
         torch._foreach_lerp_(buffers, values, 1.0 - beta)
+    else:
+        torch._foreach_lerp_(buffers, values, [gated(keep, 1.0 - beta, 0.0)] * len(buffers))
 
 
 def update_moments_(
@@ -272,18 +296,22 @@ def update_moments_(
     grads: list[Tensor],
     beta1: float,
     beta2: float,
+    keep: Tensor | None = None,
 ) -> None:
-    """In place: ``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``."""
+    """In place: ``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``; unchanged on a skipped step
+    (``grads`` zero there: :func:`zero_unless`)."""
     if not grads:
         return
-    ema_lerp_(exp_avgs, grads, beta1)
-    ema_square_(exp_avg_sqs, grads, beta2)
+    ema_lerp_(exp_avgs, grads, beta1, keep)
+    ema_square_(exp_avg_sqs, grads, beta2, keep)
 
 
-def ema_square_(buffers: list[Tensor], values: list[Tensor], beta: float) -> None:
-    """In place: ``v ← β·v + (1−β)·x²`` (Adam's second moment; AdaMuon's of the orthogonalized sign)."""
+def ema_square_(buffers: list[Tensor], values: list[Tensor], beta: float, keep: Tensor | None = None) -> None:
+    """In place: ``v ← β·v + (1−β)·x²`` (Adam's second moment; AdaMuon's of the orthogonalized sign);
+    unchanged on a step the gate ``keep`` skips, where ``values`` must be zero."""
     if buffers:
-        torch._foreach_mul_(buffers, beta)
+        decay = gated(keep, beta, 1.0)
+        torch._foreach_mul_(buffers, decay)
         torch._foreach_addcmul_(buffers, values, values, value=1.0 - beta)
 
 
@@ -292,25 +320,59 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return 1.0 - beta1**step, 1.0 - beta2**step
 
 
-def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: list[float], eps: float) -> list[Tensor]:
-    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor)."""
+def advance_steps_(steps: list[Tensor], keep: Tensor | None) -> None:
+    """In place: ``t ← t + 1`` per step-count tensor, or ``t + keep`` under a step gate (no host read;
+    the list form of the add, as torch's own found_inf handling, runs everywhere, ``meta`` included)."""
+    if keep is None:
+        torch._foreach_add_(steps, 1.0)
+    elif steps:
+        torch._foreach_add_(steps, [keep] * len(steps))
+
+
+def bias_correction(steps: Tensor, beta: float) -> Tensor:
+    """``1−β^t`` for a vector of step counts on the device (no host read), as ``−expm1(t·ln β)``: accurate
+    to float32 precision even where ``β^t`` is close to 1 (``1−0.999`` in float32 loses 4 digits).
+    Counts below 1 (a tensor whose every step was skipped) are taken as 1; such a value only ever
+    meets a zero update."""
+    if beta == 0.0:
+        return torch.ones_like(steps)
+    return torch.expm1(steps.clamp(min=1.0) * math.log(beta)).neg_()
+
+
+def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor | list[float],
+                     eps: float | list[Tensor]) -> list[Tensor]:
+    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor: floats, or a vector on the
+    device; ``eps`` one number or one 0-d tensor per tensor)."""
     if not exp_avg_sqs:
         return []
     denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [math.sqrt(bc) for bc in bias_corrections2])
+    if isinstance(bias_corrections2, Tensor):
+        torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
+    else:
+        torch._foreach_div_(denoms, [math.sqrt(bc) for bc in bias_corrections2])
     torch._foreach_add_(denoms, eps)
     return list(denoms)
 
 
-def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: list[float] | None = None) -> list[Tensor]:
+def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | list[float] | None = None
+           ) -> list[Tensor]:
     """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient; without
     ``bias_corrections1``, ``m/(√v̂+ε)`` (its direction, for scale-invariant uses)."""
     if not exp_avgs:
         return []
     whitened = torch._foreach_div(exp_avgs, denoms)
-    if bias_corrections1 is not None:
+    if isinstance(bias_corrections1, Tensor):
+        torch._foreach_div_(whitened, list(bias_corrections1.unbind()))
+    elif bias_corrections1 is not None:
         torch._foreach_div_(whitened, bias_corrections1)
     return list(whitened)
+
+
+@functools.lru_cache(maxsize=256)
+def constant_vector(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A vector of constants on ``device``, built once and reused: a tensor made from a Python list
+    every step is a host→device copy (a synchronisation on CUDA). Never write to the result."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 #: Under FSDP2 (row-sharded tensors): maps each tensor's per-row partial results on this rank to the
@@ -445,8 +507,9 @@ def elementwise_natural_decay(params: list[Tensor], denoms: list[Tensor], weight
 
 
 def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[float],
-                     decay_factors: list[float]) -> None:
-    """``p ← p·d − lr·U`` per tensor (``d = 1 − lr·wd`` for decoupled decay, 1 without).
+                     decay_factors: list[float], keep: Tensor | None = None) -> None:
+    """``p ← p·d − lr·U`` per tensor (``d = 1 − lr·wd`` for decoupled decay, 1 without). On a step the
+    gate ``keep`` skips, ``d`` is 1 and the caller has made ``U`` zero, so ``p`` is left bit-exact.
 
     Full-precision parameters are updated in place with a few fused multi-tensor kernels (one per
     distinct ``(lr, d)``). bf16/fp16 parameters are computed in float32 and written back once, so a
@@ -454,8 +517,10 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
     low = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
     for i in low:
         p = params[i]
-        exact = p.float().mul_(decay_factors[i]).sub_(updates[i].float(), alpha=lrs[i])
-        p.copy_(exact)
+        exact = p.float()
+        if decay_factors[i] != 1.0:
+            exact.mul_(gated(keep, decay_factors[i], 1.0))
+        p.copy_(exact.sub_(updates[i].float(), alpha=lrs[i]))
     low_set = set(low)
     by_rate: dict[tuple[float, float], list[int]] = defaultdict(list)
     for i in range(len(params)):
@@ -464,7 +529,7 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
     for (lr, factor), idx in by_rate.items():
         ps = [params[i] for i in idx]
         if factor != 1.0:
-            torch._foreach_mul_(ps, factor)
+            torch._foreach_mul_(ps, gated(keep, factor, 1.0))
         torch._foreach_add_(ps, [updates[i].to(params[i].dtype) for i in idx], alpha=-lr)
 
 
@@ -477,13 +542,14 @@ def sam_perturbation(
     grads: list[Tensor],
     denoms: list[Tensor | None],
     params: list[Tensor],
-    rhos: list[float],
+    rhos: list[float] | Tensor,
     adaptive: bool,
     perturb_norm: str,
     reduce: Reduce | None = None,
 ) -> list[Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's); ``‖N‖`` is taken over
+    times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's; floats, or a vector on the
+    device when ASI adapts it); ``‖N‖`` is taken over
     all the given tensors ("global") or is each tensor's own ("per_tensor")."""
     if perturb_norm not in ("global", "per_tensor"):
         raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
@@ -492,7 +558,8 @@ def sam_perturbation(
     directions = [g / d if d is not None else g.clone() for g, d in zip(grads, denoms)]
     if adaptive:
         torch._foreach_mul_(directions, [p.abs() for p in params])
-    rho = torch.tensor(rhos, dtype=torch.float32, device=directions[0].device)
+    rho = rhos.to(directions[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
+        tuple(rhos), directions[0].device, torch.float32)
     if perturb_norm == "global":
         scales = rho / (global_norm(directions, reduce) + SHEAR_EPS)
     else:
@@ -501,12 +568,14 @@ def sam_perturbation(
     return directions
 
 
-def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None) -> list[Tensor]:
-    """Per tensor, the part of ``g_adv`` orthogonal to ``g``: ``s = g_adv − (⟨g_adv,g⟩/(‖g‖²+1e-12))·g``."""
+def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],
+                reduce: Reduce | None = None) -> tuple[list[Tensor], Tensor]:
+    """Per tensor, the part of ``g_adv`` orthogonal to ``g``: ``s = g_adv − c·g`` with
+    ``c = ⟨g_adv,g⟩/(‖g‖²+1e-12)``; returns ``(s, c)`` (``c`` stacked, finite iff the inputs are)."""
     if not adv_grads:
-        return []
+        return [], torch.zeros(0)
     coeffs = dots(adv_grads, base_grads, reduce) / (frobenius_norms(base_grads, reduce).square() + SHEAR_EPS)
-    return [ga - c.to(ga.dtype) * g for ga, g, c in zip(adv_grads, base_grads, coeffs.unbind())]
+    return [ga - c.to(ga.dtype) * g for ga, g, c in zip(adv_grads, base_grads, coeffs.unbind())], coeffs
 
 
 def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor,
@@ -552,18 +621,23 @@ def aga_alpha(phi: Tensor, alpha: float, aga_gamma: float, rule: str) -> Tensor:
 
 
 def asi_rho(
-    rho: float,
+    rho: float | Tensor,
     rho0: float,
-    gap: float,
-    ema_gap: float,
-    loss_delta: float,
+    gap: float | Tensor,
+    ema_gap: float | Tensor,
+    loss_delta: float | Tensor,
     alpha: float,
     aga_gamma: float,
-) -> float:
+) -> float | Tensor:
     """ASI ρ-update from the surrogate gap ``h``: ``μ = γ if |h| > ema_gap else 1``, ``η = 0.01·α``;
     grow ρ by ``(1+η·μ)`` while the loss EMA falls (``Δ < 0``), shrink by ``(1−η·μ)`` otherwise;
-    clip to ``[0.1·ρ0, 10·ρ0]``. ``ema_gap`` is the EMA *after* this step's update."""
+    clip to ``[0.1·ρ0, 10·ρ0]``. ``ema_gap`` is the EMA *after* this step's update. Numbers in,
+    a number out; tensors in, a tensor out (the same arithmetic, decided on the device)."""
     eta = 0.01 * alpha
+    if isinstance(rho, Tensor):
+        mu = torch.where(torch.as_tensor(gap).abs() > ema_gap, aga_gamma, 1.0).to(rho.dtype)
+        rho = rho * torch.where(torch.as_tensor(loss_delta) < 0, 1.0 + eta * mu, 1.0 - eta * mu)
+        return rho.clamp(0.1 * rho0, 10.0 * rho0)
     mu = aga_gamma if abs(gap) > ema_gap else 1.0
     rho = rho * (1.0 + eta * mu) if loss_delta < 0 else rho * (1.0 - eta * mu)
     return min(max(rho, 0.1 * rho0), 10.0 * rho0)
@@ -573,19 +647,8 @@ def asi_rho(
 # The AdamW track on torch's fused AdamW kernel
 # --------------------------------------------------------------------------------------------------
 
-#: The step count handed to ``torch._fused_adamw_``: at ``t = 2^62`` every ``β^t`` underflows to 0, so the
-#: kernel's own bias corrections are 1 and the real ones are folded into ``lr``/``ε``/``wd``
-#: (:func:`fused_adamw_`). One constant tensor per device, never written: no per-step host→device copy.
-FUSED_STEP = 2.0**62
-_fused_steps: dict[torch.device, Tensor] = {}
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _fused_step_tensor(device: torch.device) -> Tensor:
-    if device not in _fused_steps:
-        _fused_steps[device] = torch.full((), FUSED_STEP, dtype=torch.float32, device=device)
-    return _fused_steps[device]
 
 
 def fused_adamw_applicable(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -615,26 +678,22 @@ def fused_adamw_applicable(params: Sequence[Tensor], grads: Sequence[Tensor], ex
 
 
 def fused_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 steps: Sequence[int], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decays: Sequence[float]) -> None:
+                 steps: list[Tensor], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decays: Sequence[float], keep: Tensor | None = None) -> None:
     """One AdamW step (bias correction, decoupled decay ``p ← p·(1−lr·wd)``) in place with
-    ``torch._fused_adamw_``; ``steps`` are the already-advanced 1-based step counts, ``weight_decays``
-    per tensor. Call only where :func:`fused_adamw_applicable` holds.
-
-    The kernel is given a constant step ``2^62`` (bias corrections 1) and
-    ``lr' = lr·√c2/c1``, ``ε' = ε·√c2``, ``wd' = wd·c1/√c2`` (``c = 1−β^t``), which is AdamW's
-    ``p ← p·(1−lr·wd) − (lr/c1)·m/(√v/√c2 + ε)`` exactly, up to float rounding. One kernel call per
-    distinct ``(dtype, t, wd)``."""
+    ``torch._fused_adamw_``: ``steps`` are the per-tensor float32 step-count tensors on the device,
+    advanced here; on a step the gate ``keep`` skips the kernel is told ``found_inf`` (it then changes
+    nothing, non-finite gradients included) and the counts stay. One kernel call per distinct
+    ``(dtype, wd)``. Call only where :func:`fused_adamw_applicable` holds."""
     beta1, beta2 = betas
+    advance_steps_(steps, keep)
+    found_inf = None if keep is None else torch.logical_not(keep).to(torch.float32)
     buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, (p, t, wd) in enumerate(zip(params, steps, weight_decays)):
-        buckets[(p.dtype, int(t), float(wd))].append(i)
-    step_tensor = _fused_step_tensor(params[0].device)
-    for (_, t, wd), idx in buckets.items():
-        bc1, bc2 = bias_corrections(t, beta1, beta2)
-        root2 = math.sqrt(bc2)
+    for i, (p, wd) in enumerate(zip(params, weight_decays)):
+        buckets[(p.dtype, float(wd))].append(i)
+    for (_, wd), idx in buckets.items():
         torch._fused_adamw_(
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [], [step_tensor] * len(idx),
-            lr=lr * root2 / bc1, beta1=beta1, beta2=beta2, weight_decay=wd * bc1 / root2, eps=eps * root2,
-            amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+            [exp_avg_sqs[i] for i in idx], [], [steps[i] for i in idx],
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+            amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)

@@ -73,3 +73,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: SAM's schedule counts step() calls, applied or skipped (a skip is decided on the device, unseen by
+#: the host); everything else in ``opt.sam`` must survive a skipped step unchanged.
+SAM_SCHEDULE_KEYS = ("step", "last_sync", "syncs", "prev_lazy")
+
+
+def assert_sam_state_unchanged(now: dict, before: dict) -> None:
+    """``opt.sam`` outside the schedule (ν, ASI's ρ and averages) equals ``before`` exactly."""
+    assert now.keys() == before.keys()
+    for key, value in before.items():
+        if key in SAM_SCHEDULE_KEYS:
+            continue
+        if isinstance(value, torch.Tensor) or isinstance(now[key], torch.Tensor):
+            assert torch.equal(torch.as_tensor(now[key], dtype=torch.float64),
+                               torch.as_tensor(value, dtype=torch.float64)), key
+        else:
+            assert now[key] == value, key

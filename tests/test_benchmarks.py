@@ -58,11 +58,11 @@ def test_cost_state_memory_accounting(tiny_cost):
     # m and v in fp32 (+ torch's 4-byte step tensor per parameter tensor)
     assert mem["torch AdamW (foreach)"]["bytes_per_param"] == pytest.approx(8.0, rel=0.01)
     assert mem["torch AdamW (foreach)"]["by_key"]["exp_avg"] == 4 * n_params
-    assert mem["ada_rmsuon"]["bytes_per_param"] == pytest.approx(8.0)
+    assert mem["ada_rmsuon"]["bytes_per_param"] == pytest.approx(8.0, rel=0.01)  # (+ step tensors, as torch)
     assert mem["pure_ns_muon"]["matrix_bytes_per_matrix_param"] == 0.0  # no momentum on the matrix track
     assert mem["muon (ns bf16)"]["matrix_bytes_per_matrix_param"] == pytest.approx(4.0)  # momentum buffer
     assert mem["torch Muon + AdamW"]["by_key"]["momentum_buffer"] == mem["muon (ns bf16)"]["by_key"]["momentum_buffer"]
-    assert mem["ars2_neo (k=5)"]["bytes_per_param"] == pytest.approx(12.0)  # + shear force
+    assert mem["ars2_neo (k=5)"]["bytes_per_param"] == pytest.approx(12.0, rel=0.01)  # + shear force
     assert "shear" not in mem["ars (k=1)"]["by_key"]  # k=1 without AGA keeps no shear force
     assert not any(m["sam_pass_held_after_step"] for m in mem.values())
 

@@ -148,8 +148,11 @@ def scenario_equivalence(rank: int) -> dict:
             exact = torch.equal(full(a), b.detach())
             rel = float((full(a) - b.detach()).norm() / b.detach().norm().clamp_min(1e-12))
             (matrix if opt.spec_of(a).track == "matrix" else vector).append((n, exact, rel))
-        state_ok = all(isinstance(v, torch.distributed.tensor.DTensor) and v.placements == p.placements
-                       for p in sharded.parameters() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+        # every state tensor sharded like its parameter; the step counts are plain 0-d tensors on the local
+        # device (identical on every rank, as torch's own optimizers keep them under FSDP2)
+        state_ok = all((isinstance(v, torch.distributed.tensor.DTensor) and v.placements == p.placements)
+                       if key != "step" else (type(v) is torch.Tensor and v.ndim == 0)
+                       for p in sharded.parameters() for key, v in opt.state[p].items() if isinstance(v, torch.Tensor))
         out[name] = {"matrix": matrix, "vector": vector, "ns_calls": sharded_calls, "ns_calls_plain": plain_calls,
                      "state_dtensors": state_ok}
     return out
@@ -159,8 +162,8 @@ def scenario_state_memory(rank: int) -> dict:
     def state_bytes(opt, local: bool):
         total = 0
         for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor):
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor) and key != "step":  # (4-byte step counters: not sharded)
                     t = v.to_local() if local and hasattr(v, "to_local") else v
                     total += t.numel() * t.element_size()
         return total
@@ -255,10 +258,11 @@ def scenario_nonfinite(rank: int) -> dict:
         if local.numel():
             local[0, 0] = float("nan")
     before = [full(p).clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        opt.step()
+    opt.step()  # the gate is all-reduced on the device: both ranks skip, neither reads
     unchanged = all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before))
-    return {"unchanged": unchanged, "skipped": opt.diagnostics()["nonfinite_steps"]}
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        skipped = opt.diagnostics()["nonfinite_steps"]
+    return {"unchanged": unchanged, "skipped": skipped}
 
 
 def scenario_checkpoint(rank: int) -> dict:

@@ -11,28 +11,37 @@ import torch
 import hf_rmsuon
 from hf_rmsuon import functional as F
 
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+UPLOADS = ("tensor", "as_tensor")
 
 
 @contextlib.contextmanager
 def count_host_reads():
-    """Count tensor → Python conversions (each one is a device synchronisation on an accelerator)."""
-    counter = {"n": 0}
+    """Count host synchronisations: tensor → Python conversions, and Python data turned into tensors
+    (``torch.tensor([...])``/``as_tensor`` of numbers: a blocking host→device copy on an accelerator)."""
+    counter = {"n": 0, "calls": []}
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    uploads = {name: getattr(torch, name) for name in UPLOADS}
 
-    def wrap(fn):
-        def counted(self, *args, **kwargs):
-            counter["n"] += 1
-            return fn(self, *args, **kwargs)
+    def wrap(name, fn, check=lambda *a: True):
+        def counted(*args, **kwargs):
+            if check(*args):
+                counter["n"] += 1
+                counter["calls"].append(name)
+            return fn(*args, **kwargs)
         return counted
 
     for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(fn))
+        setattr(torch.Tensor, name, wrap(name, fn))
+    for name, fn in uploads.items():
+        setattr(torch, name, wrap(name, fn, lambda data, *a: not isinstance(data, torch.Tensor)))
     try:
         yield counter
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
+        for name, fn in uploads.items():
+            setattr(torch, name, fn)
 
 
 def _model() -> torch.nn.Module:
@@ -44,38 +53,100 @@ def _model() -> torch.nn.Module:
 def _set_grads(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
-@pytest.mark.parametrize("name", ["muon", "pure_ns_muon", "adamuon", "rmsuon", "ada_rmsuon", "f_ada_rmsuon"])
-def test_plain_step_reads_the_device_once(name):
-    model = _model()
-    opt = hf_rmsuon.create_optimizer(name, model)
-    for step in range(3):
+PLAIN = ["muon", "pure_ns_muon", "adamuon", "rmsuon", "ada_rmsuon", "f_ada_rmsuon"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hp", [{}, {"natural_wd": "elementwise"}, {"energy_scale": "rms"}], ids=["default", "nwd", "rms"])
+@pytest.mark.parametrize("name", PLAIN)
+def test_steady_state_step_never_synchronises(name, hp, dtype):
+    """Zero host synchronisations per step (fused AdamW track in fp32; foreach with fp32 state in bf16)."""
+    schema = hf_rmsuon.get_optimizer_class(name).schema
+    if not all(k in schema for k in hp):
+        pytest.skip("option not in this member")
+    model = _model().to(dtype)
+    opt = hf_rmsuon.create_optimizer(name, model, **hp)
+    for step in range(5):
         _set_grads(model, step)
         with count_host_reads() as reads:
             opt.step()
-        assert reads["n"] == 1, f"{name}: {reads['n']} host reads in step {step + 1}"
+        if step >= 1:  # after the first step (lazy state creation, cached constants)
+            assert reads["n"] == 0, f"{name}: host syncs in step {step + 1}: {reads['calls']}"
+    assert opt.diagnostics()["optimizer_steps"] == 5  # and the step really ran
 
 
-def test_lazy_aga_step_reads_the_device_once():
-    """Trainer path: the AGA decision (sam_pass_due) and the lazy update share one read."""
+@pytest.mark.parametrize("hp", [dict(k=1), dict(k=3), dict(k=2, asi=True), dict(k=2, asi=True, asi_first_sync="adapt")],
+                         ids=["k1", "k3", "k2-asi", "k2-asi-adapt"])
+@pytest.mark.parametrize("name", ["ars", "ars2_neo"])
+def test_sam_sync_and_lazy_steps_never_synchronise(name, hp):
+    """Sync steps (second pass, shear force, ASI's ρ) and lazy steps, both through step(closure) and
+    through the training-loop protocol with the losses given as device tensors."""
+    if name == "ars" and "asi" in hp:
+        pytest.skip("ASI is ARS2-Neo's")
+    model = _model()
+    opt = hf_rmsuon.create_optimizer(name, model, **hp)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    reads_per_step = []
+    for step in range(7):
+        if step % 2:
+            with count_host_reads() as reads:
+                opt.step(closure)
+        else:  # the Trainer's protocol
+            loss = closure().detach()
+            with count_host_reads() as reads:
+                if opt.sam_pass_due():
+                    opt.begin_sam_pass()
+                    adv = closure()
+                    opt.end_sam_pass(loss, adv.detach())
+                opt.step()
+        reads_per_step.append(reads["calls"])
+    assert reads_per_step[1:] == [[]] * 6
+    assert opt.sam["syncs"] == {1: 7, 2: 4, 3: 3}[hp["k"]]
+    if hp.get("asi"):
+        assert float(opt.sam["rho"]) != opt.defaults["rho"]  # ASI adapted ρ, on the device
+
+
+def test_aga_reads_once_per_step_where_it_decides():
+    """AGA's decision is a host read, made in sam_pass_due (where the Trainer must decide on the second
+    pass); step() itself reads nothing, on lazy and sync steps alike."""
     model = _model()
     opt = hf_rmsuon.create_optimizer("ars2_neo", model, k=50, adaptive_sync=True, aga_lambda=1e6)
-    reads_per_lazy_step = []
+    decide, steps = [], []
     for step in range(6):
         _set_grads(model, step)
         with count_host_reads() as reads:
             due = opt.sam_pass_due()
-            if due:
-                opt.begin_sam_pass()
-                _set_grads(model, 100 + step)  # the adversarial gradient
-                opt.end_sam_pass()
+        decide.append(reads["n"])
+        if due:
+            opt.begin_sam_pass()
+            _set_grads(model, 100 + step)  # the adversarial gradient
+            opt.end_sam_pass()
+        with count_host_reads() as reads:
             opt.step()
-        if not due:
-            reads_per_lazy_step.append(reads["n"])
+        steps.append(reads["n"])
     assert opt.sam["syncs"] == 1  # only step 1 synced (λ huge, k large)
-    assert reads_per_lazy_step == [1] * 5
+    assert decide == [0] + [1] * 5 and steps == [0] * 6
+
+
+def test_raise_policy_reads_the_flag_once():
+    """on_nonfinite="raise" must decide on the host before anything is written: one read per step."""
+    model = _model()
+    opt = hf_rmsuon.create_optimizer("ada_rmsuon", model, on_nonfinite="raise")
+    for step in range(3):
+        _set_grads(model, step)
+        with count_host_reads() as reads:
+            opt.step()
+    assert reads["calls"] == ["__bool__"]
 
 
 def test_state_holds_only_what_the_algorithm_needs():
@@ -93,9 +164,10 @@ def test_state_holds_only_what_the_algorithm_needs():
     assert state_keys("muon") == {"momentum_buffer"}
     assert state_keys("pure_ns_muon") == set()
     assert state_keys("adamuon") == {"momentum_buffer", "exp_avg_sq"}
-    assert state_keys("ada_rmsuon") == {"exp_avg", "exp_avg_sq"}
-    assert state_keys("ars") == {"exp_avg", "exp_avg_sq"}  # k=1: no shear force kept
-    assert state_keys("ars2_neo", k=3) == {"exp_avg", "exp_avg_sq", "shear"}
+    # Adam moments come with the step count, a 0-d tensor on the device
+    assert state_keys("ada_rmsuon") == {"exp_avg", "exp_avg_sq", "step"}
+    assert state_keys("ars") == {"exp_avg", "exp_avg_sq", "step"}  # k=1: no shear force kept
+    assert state_keys("ars2_neo", k=3) == {"exp_avg", "exp_avg_sq", "step", "shear"}
     opt = hf_rmsuon.create_optimizer("ars", model)
     _set_grads(model, 0)
     opt.step(lambda: _set_grads(model, 1))

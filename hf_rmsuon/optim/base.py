@@ -26,7 +26,7 @@ from .. import functional as F
 from ..routing import ADAMW, LORA_POLICIES, MATRIX, Router, RoutingOptions, TensorSpec
 from .distributed import ShardedLayout, sharded_orthogonalize, split_orthogonalize
 from .hparams import HyperParam, Schema, beta, betas, choice, eps, flag, integer, nonneg, optional
-from .stages import MatrixBatch, OrthogonalizeFn, Stage, advance_adam_moments, state_buffer
+from .stages import MatrixBatch, OrthogonalizeFn, Stage, advance_adam_moments, state_buffer, step_count
 
 COMMON_HPARAMS = (
     nonneg("lr", 1e-3, "learning rate (both tracks)"),
@@ -43,7 +43,8 @@ COMMON_HPARAMS = (
     choice("ns_dtype", "auto", ("auto", "bfloat16", "float32"), "Newton–Schulz compute dtype (auto: per device)"),
     choice("state_dtype", "auto", ("auto", "param", "float32", "float64"),
            "dtype of moments and shear force (auto: float32 for bf16/fp16 parameters, else the parameter's)"),
-    choice("on_nonfinite", "skip", ("skip", "raise"), "non-finite gradient: skip the whole step, or raise"),
+    choice("on_nonfinite", "skip", ("skip", "raise"),
+           "non-finite gradient: skip the whole step (decided on the device), or raise (one host read per step)"),
     flag("split_ns", True, "with a data_parallel_group (DDP), each rank orthogonalizes a share; results gathered"),
     flag("compile", False, "torch.compile the Newton–Schulz kernel (off by default)"),
 )
@@ -124,9 +125,13 @@ class FamilyOptimizer(torch.optim.Optimizer):
         self.data_parallel_group = data_parallel_group
         self.sharding: ShardedLayout | None = None  # FSDP2: set when DTensor parameters are added
         self._specs: dict[int, TensorSpec] = {}
+        # steps: step() calls that had gradients; skipped: how many of them the gate skipped, counted on
+        # the device (read by diagnostics() and state_dict(), never by step())
         self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0}
+        self._skipped: Tensor | None = None
         self._warned_nonfinite = False
-        self._last: dict[str, Tensor | float] = {}
+        #: the last step's diagnostics: tensors or floats, or callables evaluated when read
+        self._last: dict[str, Tensor | float | Callable[[], Tensor | float]] = {}
         super().__init__(_as_groups(params), defaults)
         patterns = [k for k in ("adamw_patterns", "matrix_patterns", "stack_patterns") if routing[k]]
         if patterns and model is None and not any("param_names" in g for g in self.param_groups):
@@ -215,7 +220,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         for key in keys:
             state_buffer(st, key, p, self._state_dtype(p))
         if "exp_avg" in keys:
-            st.setdefault("step", 0)
+            step_count(st, p)
 
     def spec_of(self, p: Tensor) -> TensorSpec:
         """The routing decision for one parameter of this optimizer."""
@@ -235,14 +240,13 @@ class FamilyOptimizer(torch.optim.Optimizer):
         self._guarded_update()
         return loss
 
-    def _guarded_update(self) -> bool:
-        """Apply one update unless a gradient is non-finite. Returns whether the update ran."""
+    def _guarded_update(self) -> None:
+        """Apply one update, gated on every gradient being finite (see :meth:`_step_gate`)."""
         gathered = self._gather()
-        if not self._grads_finite(gathered):
-            return False
-        self.stats["steps"] += 1
-        self._update(gathered)
-        return True
+        if not gathered:
+            return
+        keep = self._step_gate(self._finite_flag(gathered))
+        self._update(gathered, keep)
 
     def _gather(self) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
         """``(group, params, grads)`` for params that have gradients; validates gradient kinds.
@@ -260,10 +264,6 @@ class FamilyOptimizer(torch.optim.Optimizer):
             if params:
                 out.append((group, params, grads))
         return out
-
-    def _grads_finite(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> bool:
-        """One device reduction and one host read for the whole step."""
-        return self._accept_gradients(bool(self._finite_flag(gathered)))
 
     def _finite_flag(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
         """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read);
@@ -286,27 +286,44 @@ class FamilyOptimizer(torch.optim.Optimizer):
         norms = list(torch._foreach_norm(full)) if full else []
         if low:
             norms += torch._foreach_norm(low, 2, dtype=torch.float32)
-        return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+        return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
 
-    def _accept_gradients(self, finite: bool) -> bool:
-        """Apply the ``on_nonfinite`` policy: True to go on with the step."""
-        if finite:
-            return True
+    def _step_gate(self, finite: Tensor) -> Tensor | None:
+        """Apply the ``on_nonfinite`` policy to the device flag ``finite`` and count the step.
+
+        ``"skip"`` (default) decides on the device, without a host read: the returned 0-d bool gate
+        makes every state and parameter write of the step a no-op when false (the gradients are
+        replaced by zeros first, the moment decays by 1, the update by 0, the decay factor by 1, the
+        step counts do not advance). Skipped steps are counted on the device and reported, with a
+        warning, when :meth:`diagnostics` or :meth:`state_dict` reads them. ``"raise"`` reads the flag
+        (one host synchronisation per step) and raises before anything is written; it returns
+        ``None``: no gate."""
+        self.stats["steps"] += 1
         if self.defaults["on_nonfinite"] == "raise":
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite gradient (inf/NaN); parameters and state were left "
-                "untouched. Pass on_nonfinite='skip' to skip such steps instead."
-            )
-        self.stats["skipped_steps"] += 1
-        if not self._warned_nonfinite:
+            if not bool(finite):
+                self.stats["steps"] -= 1
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (inf/NaN); parameters and state were left "
+                    "untouched. Pass on_nonfinite='skip' to skip such steps instead."
+                )
+            return None
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float32, device=finite.device)
+        self._skipped.add_(finite.logical_not())
+        return finite
+
+    def _skipped_steps(self) -> int:
+        """Skipped steps so far (a host read; warns once when there are any)."""
+        skipped = int(self.stats["skipped_steps"]) + (int(self._skipped.item()) if self._skipped is not None else 0)
+        if skipped and not self._warned_nonfinite:
             warnings.warn(
-                f"{type(self).__name__}: non-finite gradient — skipping this step for all parameters "
-                "(counted in diagnostics()['nonfinite_steps']; warned once)",
+                f"{type(self).__name__}: {skipped} step(s) had a non-finite gradient and were skipped for all "
+                "parameters (counted in diagnostics()['nonfinite_steps']; warned once)",
                 RuntimeWarning,
                 stacklevel=3,
             )
             self._warned_nonfinite = True
-        return False
+        return skipped
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         return resolve_dtype(self.defaults["state_dtype"], p)
@@ -318,7 +335,8 @@ class FamilyOptimizer(torch.optim.Optimizer):
         """Sums per-shard partial reductions across the FSDP2 mesh (None when not sharded)."""
         return self.sharding.gather_rows if self.sharding is not None else None
 
-    def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
+    def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]], keep: Tensor | None) -> None:
+        """Both tracks of every group; ``keep``: the step gate (``None``: applied unconditionally)."""
         norms: list[Tensor] = []
         step_sizes: list[float] = []
         numel = 0
@@ -333,7 +351,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
                 bucket[2].append(spec)
             m_params, m_grads, m_specs = tracks[MATRIX]
             if m_params:
-                batch = self._matrix_batch(group, m_params, m_grads, m_specs)
+                batch = self._matrix_batch(group, m_params, m_grads, m_specs, keep)
                 for stage in self.matrix_stages:
                     stage(batch)
                 updates = batch.updates()
@@ -341,23 +359,23 @@ class FamilyOptimizer(torch.optim.Optimizer):
                 norms.append(batch.update_norms(updates))
                 step_sizes += lrs
                 numel += sum(math.prod(s.shape) for s in m_specs)
-                F.decay_and_apply_(batch.params, updates, lrs, batch.decay_factors or [1.0] * len(m_params))
+                F.decay_and_apply_(batch.params, updates, lrs, batch.decay_factors or [1.0] * len(m_params), keep)
             a_params, a_grads, a_specs = tracks[ADAMW]
             if a_params:
-                self._adamw_track(group, a_params, a_grads, a_specs)
+                self._adamw_track(group, a_params, a_grads, a_specs, keep)
         if norms:
-            # a handful of whole-list kernels; read on the host only by diagnostics()
             energy = torch.cat([n.float() for n in norms])
             self._last["energy"] = energy.mean()
-            moved = energy * torch.tensor(step_sizes, dtype=energy.dtype, device=energy.device)
-            self._last["update_rms"] = moved.square().sum().div(numel).sqrt()
+            # ‖lr·U‖ per tensor needs the step sizes on the device: computed only when read
+            self._last["update_rms"] = functools.partial(_update_rms, energy, step_sizes, numel)
 
     def _matrix_batch(self, group: dict, params: list[Tensor], grads: list[Tensor],
-                      specs: list[TensorSpec]) -> MatrixBatch:
+                      specs: list[TensorSpec], keep: Tensor | None) -> MatrixBatch:
         return MatrixBatch(group=group, owners=params, params=[F.local(p) for p in params],
-                           grads=self._in_state_dtype(params, grads), states=[self.state[p] for p in params],
-                           specs=specs, orthogonalize=self._orthogonalizer(group), state_dtype=self._state_dtype,
-                           reduce=self._reduce())
+                           grads=F.zero_unless(keep, self._in_state_dtype(params, grads)),
+                           states=[self.state[p] for p in params], specs=specs,
+                           orthogonalize=self._orthogonalizer(group), state_dtype=self._state_dtype,
+                           reduce=self._reduce(), keep=keep)
 
     # -- the AdamW track ------------------------------------------------------------------------------
     @staticmethod
@@ -377,7 +395,8 @@ class FamilyOptimizer(torch.optim.Optimizer):
             group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"],
         )
 
-    def _adamw_track(self, group: dict, params: list[Tensor], grads: list[Tensor], specs: list[TensorSpec]) -> None:
+    def _adamw_track(self, group: dict, params: list[Tensor], grads: list[Tensor], specs: list[TensorSpec],
+                     keep: Tensor | None) -> None:
         """Standard AdamW with bias correction and decoupled weight decay: on torch's fused AdamW kernel
         where it applies (plain tensors whose gradient and moments share the parameter's dtype, a device
         with the kernel: :func:`~hf_rmsuon.functional.fused_adamw_applicable`), else foreach."""
@@ -387,16 +406,18 @@ class FamilyOptimizer(torch.optim.Optimizer):
         exp_avgs = [state_buffer(st, "exp_avg", p, self._state_dtype(p)) for p, st in zip(params, states)]
         exp_avg_sqs = [state_buffer(st, "exp_avg_sq", p, self._state_dtype(p)) for p, st in zip(params, states)]
         if F.fused_adamw_applicable(values, grads, exp_avgs, exp_avg_sqs, adam_betas):
-            for st in states:  # step stays a Python int
-                st["step"] = st.get("step", 0) + 1
-            F.fused_adamw_(values, grads, exp_avgs, exp_avg_sqs, [st["step"] for st in states], lr,
-                           adam_betas, adam_eps, [wd if s.decay else 0.0 for s in specs])
+            # the kernel takes the gate as found_inf: no sanitised copy of the gradients needed
+            F.fused_adamw_(values, grads, exp_avgs, exp_avg_sqs, [step_count(st, p) for p, st in zip(params, states)],
+                           lr, adam_betas, adam_eps, [wd if s.decay else 0.0 for s in specs], keep)
             return
         exp_avgs, denoms, bias_corrections1 = advance_adam_moments(
-            self._in_state_dtype(params, grads), states, adam_betas, adam_eps, self._state_dtype, params)
+            F.zero_unless(keep, self._in_state_dtype(params, grads)), states, adam_betas, adam_eps,
+            self._state_dtype, params, keep)
         updates = F.whiten(exp_avgs, denoms, bias_corrections1)
+        if keep is not None:
+            torch._foreach_mul_(updates, keep)
         decay = [1.0 - lr * wd if s.decay else 1.0 for s in specs]
-        F.decay_and_apply_([F.local(p) for p in params], updates, [lr] * len(params), decay)
+        F.decay_and_apply_(values, updates, [lr] * len(params), decay, keep)
 
     # -- orthogonalization ----------------------------------------------------------------------------
     def _orthogonalizer(self, group: dict) -> OrthogonalizeFn:
@@ -424,11 +445,13 @@ class FamilyOptimizer(torch.optim.Optimizer):
     # -- diagnostics and state ------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
         """Scalars describing the last step (read from the device here, not in ``step``)."""
+        skipped = self._skipped_steps()
         out: dict[str, float] = {
-            "optimizer_steps": float(self.stats["steps"]),
-            "nonfinite_steps": float(self.stats["skipped_steps"]),
+            "optimizer_steps": float(self.stats["steps"] - skipped),
+            "nonfinite_steps": float(skipped),
         }
         for key, value in self._last.items():
+            value = value() if callable(value) else value
             out[key] = float(value.item()) if isinstance(value, Tensor) else float(value)
         return {k: v for k, v in out.items() if not math.isnan(v) or k in ("phi", "surrogate_gap")}
 
@@ -438,8 +461,8 @@ class FamilyOptimizer(torch.optim.Optimizer):
         keep only ``state`` and ``param_groups``, so a top-level key would be lost there."""
         sd = super().state_dict()
         if sd["param_groups"]:
-            sd["param_groups"][0] = {**sd["param_groups"][0],
-                                     "family": {"stats": dict(self.stats), **self._extra_state()}}
+            stats = {**self.stats, "skipped_steps": self._skipped_steps()}
+            sd["param_groups"][0] = {**sd["param_groups"][0], "family": {"stats": stats, **self._extra_state()}}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -458,10 +481,14 @@ class FamilyOptimizer(torch.optim.Optimizer):
         by_id = dict(zip(saved_ids, params))
         for key, entries in saved_state.items():
             p = by_id[key]
-            self.state[p] = {k: v.detach().to(p.device, copy=True) if isinstance(v, Tensor) else v
+            self.state[p] = {k: v.detach().to(F.local(p).device, copy=True) if isinstance(v, Tensor) else v
                              for k, v in entries.items()}
+            if "step" in entries:  # a device tensor, as the step kernels advance it (older checkpoints: a number)
+                self.state[p]["step"] = torch.as_tensor(entries["step"], dtype=torch.float32).to(
+                    F.local(p).device, copy=True)
         if family is not None:
             self.stats.update(family.get("stats", {}))
+            self._skipped = None  # the loaded count is in stats
             self._load_extra_state(family)
 
     def _extra_state(self) -> dict[str, Any]:
@@ -470,6 +497,12 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, family: dict[str, Any]) -> None:
         pass
+
+
+def _update_rms(energies: Tensor, step_sizes: list[float], numel: int) -> Tensor:
+    """RMS of the applied update ``lr·U`` over all matrix-track values (diagnostics, when read)."""
+    moved = energies * torch.tensor(step_sizes, dtype=energies.dtype).to(energies.device)
+    return moved.square().sum().div(numel).sqrt()
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:

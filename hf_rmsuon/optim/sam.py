@@ -14,6 +14,7 @@ The second pass can be driven two ways, both through the same three methods:
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -186,7 +187,7 @@ class ARS(AdaRMSuon):
         if rule == "signed":
             # research code: ν (no bias correction) is updated before the test on every step whose
             # previous step was lazy, with this step's φ
-            nu = torch.as_tensor(self.sam["nu"], dtype=torch.float32, device=phi.device)
+            nu = torch.full((), float(self.sam["nu"]), dtype=torch.float32, device=phi.device)
             if self.sam["last_sync"] < t - 1:
                 nu = beta_ * nu + (1.0 - beta_) * phi.float().square()
             threshold = F.aga_threshold(nu, lam)
@@ -194,19 +195,20 @@ class ARS(AdaRMSuon):
         else:
             nu = torch.full((), float("nan"), device=phi.device)
             threshold = torch.full((), float("nan"), device=phi.device)
-            trigger = torch.tensor(False, device=phi.device)
+            trigger = torch.zeros((), dtype=torch.bool, device=phi.device)
             if self.sam["nu_count"] > 0:  # no staleness statistics yet → no φ-triggered sync
-                nu = torch.tensor(self.sam["nu"] / (1.0 - beta_ ** self.sam["nu_count"]), device=phi.device)
+                nu = torch.full((), self.sam["nu"] / (1.0 - beta_ ** self.sam["nu_count"]), device=phi.device)
                 threshold = F.aga_threshold(nu, lam)
                 trigger = F.aga_triggers_sync(phi, threshold, rule)
         forced = k > 1 and t - self.sam["last_sync"] >= k
-        # the one host read of a lazy AGA step: decision, finiteness, φ, α, threshold and ν together
-        grads = [(None, [], [g for g, _ in pairs])]
-        flags = [trigger, self._finite_flag(grads), phi, alpha, threshold, nu]
-        due, finite, phi_value, alpha_value, threshold_value, nu_value = torch.stack(
+        # AGA's one host read, where the decision is needed: the decision, φ, α, threshold and ν together.
+        # A non-finite gradient makes φ NaN; the step gate skips that step, and φ is not committed.
+        flags = [trigger, phi, alpha, threshold, nu]
+        due, phi_value, alpha_value, threshold_value, nu_value = torch.stack(
             [f.to(phi.device, torch.float32) for f in flags]).tolist()
-        plan.update(due=bool(due) or forced, finite=bool(finite), phi=phi_value, alpha=alpha_value,
-                    threshold=threshold_value, nu=nu_value if rule == "signed" else None, nu_hat=nu_value)
+        usable = math.isfinite(phi_value)
+        plan.update(due=bool(due) or forced, phi=phi_value, alpha=alpha_value if usable else 0.0,
+                    threshold=threshold_value, nu=nu_value if rule == "signed" and usable else None, nu_hat=nu_value)
         return plan
 
     def _params_with_grad(self) -> list[Tensor]:
@@ -219,19 +221,28 @@ class ARS(AdaRMSuon):
         self._pass = None
 
     def _previous_denominators(self, params: list[Tensor], groups: list[dict]) -> list[Tensor | None]:
-        """``√v̂+ε`` of the previous step per tensor (``None`` before its first step: ``N = g``)."""
-        denoms: list[Tensor | None] = []
-        for p, group in zip(params, groups):
-            st = self.state[p]
-            if "exp_avg_sq" not in st or st.get("step", 0) == 0:
-                denoms.append(None)
+        """``√v̂+ε`` of the previous step per tensor (``None`` before its first step: ``N = g``).
+
+        Computed on the device: a tensor whose moments exist but whose every step was skipped (``t = 0``,
+        ``v = 0``) gets ε replaced by 1, i.e. the denominator 1 (``N = g``) without a host read."""
+        denoms: list[Tensor | None] = [None] * len(params)
+        by_setting: dict[tuple[float, float], list[int]] = {}
+        for i, (p, group) in enumerate(zip(params, groups)):
+            if "exp_avg_sq" not in self.state[p]:
                 continue
             if self.spec_of(p).track == MATRIX:
-                adam_betas, adam_eps = group["betas"], group["eps"]
+                beta2, adam_eps = group["betas"][1], group["eps"]
             else:
-                _, adam_betas, adam_eps, _ = self.adamw_settings(group)
-            _, bc2 = F.bias_corrections(st["step"], *adam_betas)
-            denoms.append(F.rms_denominators([F.local(st["exp_avg_sq"])], [bc2], adam_eps)[0])
+                _, (_, beta2), adam_eps, _ = self.adamw_settings(group)
+            by_setting.setdefault((beta2, adam_eps), []).append(i)
+        for (beta2, adam_eps), idx in by_setting.items():
+            states = [self.state[params[i]] for i in idx]
+            counts = torch.stack([st["step"] for st in states])
+            eps = list(torch.where(counts > 0, adam_eps, 1.0).unbind())
+            values = F.rms_denominators([F.local(st["exp_avg_sq"]) for st in states],
+                                        F.bias_correction(counts, beta2), eps)
+            for i, d in zip(idx, values):
+                denoms[i] = d
         return denoms
 
     @torch.no_grad()
@@ -251,7 +262,12 @@ class ARS(AdaRMSuon):
         values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
         grads = [F.local(p.grad) if not grad_scale else F.local(p.grad) / grad_scale for p in params]
         denoms = self._previous_denominators(params, [g for _, g in perturbed])
-        rhos = [group["rho"] * self.sam["rho_scale"] for _, group in perturbed]
+        device = values[0].device if values else torch.device("cpu")
+        exact = torch.float32 if device.type == "mps" else torch.float64
+        rhos = F.constant_vector(tuple(group["rho"] for _, group in perturbed), device, exact)
+        scale = self.sam["rho_scale"]  # ASI's factor: a device tensor once adapted
+        if isinstance(scale, Tensor) or scale != 1.0:
+            rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
         e = F.sam_perturbation(self._in_state_dtype(params, grads), denoms, values, rhos,
                                self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce())
         all_params = [p for p, _ in with_grad]
@@ -326,28 +342,19 @@ class ARS(AdaRMSuon):
         plan = self._plan if self._plan is not None else self._make_plan()
         gathered = self._gather()
         sync = self._pass is not None
+        finite = self._finite_flag(gathered) if gathered else None
         if sync:
-            # one host read: finiteness of g_adv together with the two losses (surrogate gap, ASI)
-            losses = [self._pass.get("loss"), self._pass.get("adv_loss")]
-            finite_flag = self._finite_flag(gathered)
-            exact = torch.float32 if finite_flag.device.type == "mps" else torch.float64  # losses feed ASI
-            known = [torch.as_tensor(v, dtype=exact).detach().to(finite_flag.device) for v in losses if v is not None]
-            values = torch.stack([finite_flag.to(exact), *known]).tolist()
-            self._pass["loss"], self._pass["adv_loss"] = (values[1], values[2]) if len(known) == 2 else (None, None)
-            if not self._accept_gradients(bool(values[0])):
-                return
-            self._after_sync(gathered, plan)
+            shears, finite = self._shear_forces(gathered, finite)
+            keep = self._step_gate(finite) if gathered else None
+            self._after_sync(plan, shears, keep)
         else:
-            known_finite = plan.get("finite")  # read together with AGA's decision
-            finite = known_finite if known_finite is not None else bool(self._finite_flag(gathered))
-            if not self._accept_gradients(finite):
-                return
+            keep = self._step_gate(finite) if gathered else None
             gathered = self._lazy_gradients(gathered, plan)
         if plan.get("nu") is not None:  # the signed rule's ν, committed with the step
             self.sam["nu"] = float(plan["nu"])
         self.sam["step"] = plan["t"]
-        self.stats["steps"] += 1
-        self._update(gathered)
+        if gathered:
+            self._update(gathered, keep)
         self._last["sync_ratio"] = self.sam["syncs"] / max(1, self.sam["step"])
         self._last["rho"] = self.sam["rho"]
         if plan["phi"] is not None:
@@ -361,45 +368,76 @@ class ARS(AdaRMSuon):
     def _stores_shear(self) -> bool:
         return self.defaults["k"] > 1 or bool(self._option("adaptive_sync"))
 
-    def _after_sync(self, gathered, plan: dict[str, Any]) -> None:
+    def _shear_forces(self, gathered, finite: Tensor | None) -> tuple[dict[int, Tensor], Tensor | None]:
+        """The shear forces of this sync step (``id(p) → s``, when Lazy mode or AGA will use them), and
+        the finiteness flag extended to them: a non-finite base gradient makes ``s`` non-finite even
+        where ``g_adv`` is finite, and that step must be skipped too."""
+        assert self._pass is not None
+        if not self._stores_shear():
+            return {}, finite
+        base = {id(p): g for p, g in zip(self._pass["grad_params"], self._pass["base_grads"])}
+        params = [p for _, ps, _ in gathered for p in ps if id(p) in base]
+        adv = self._in_state_dtype(params, [F.local(p.grad) for p in params])
+        base_grads = self._in_state_dtype(params, [base[id(p)] for p in params])
+        shears, coefficients = F.shear_force(adv, base_grads, self._reduce())
+        if finite is not None and params:
+            finite = finite & torch.isfinite(coefficients.sum())
+        return {id(p): s for p, s in zip(params, shears)}, finite
+
+    def _after_sync(self, plan: dict[str, Any], shears: dict[int, Tensor], keep: Tensor | None) -> None:
+        """Commit a sync step: the schedule, the shear forces and ASI's ρ (state writes gated by ``keep``)."""
         assert self._pass is not None
         self.sam.update(last_sync=plan["t"], syncs=self.sam["syncs"] + 1, prev_lazy=False)
-        if self._stores_shear():
-            base = {id(p): g for p, g in zip(self._pass["grad_params"], self._pass["base_grads"])}
-            params = [p for _, ps, _ in gathered for p in ps if id(p) in base]
-            adv = self._in_state_dtype(params, [F.local(p.grad) for p in params])
-            base_grads = self._in_state_dtype(params, [base[id(p)] for p in params])
-            for p, s in zip(params, F.shear_force(adv, base_grads, self._reduce())):
-                self.state[p]["shear"] = self.sharding.like(p, s) if self.sharding is not None else s
+        for p in (p for group in self.param_groups for p in group["params"] if id(p) in shears):
+            s = shears[id(p)]
+            if keep is not None:  # a skipped sync step keeps the previous shear force (none yet: zero)
+                old = self.state[p].get("shear")
+                if old is not None:
+                    torch.where(keep, s, F.local(old), out=s)
+                else:
+                    s.masked_fill_(keep.logical_not(), 0.0)
+            self.state[p]["shear"] = self.sharding.like(p, s) if self.sharding is not None else s
         loss, adv_loss = self._pass.get("loss"), self._pass.get("adv_loss")
-        if loss is not None and adv_loss is not None:
-            gap = float(adv_loss) - float(loss)
-            self._last["surrogate_gap"] = gap
-            if self._option("asi"):
-                self._adapt_rho(float(loss), gap)
+        if loss is None or adv_loss is None:
+            return
+        device = keep.device if keep is not None else None
+        exact = torch.float32 if device is not None and device.type == "mps" else torch.float64  # losses feed ASI
+        loss = torch.as_tensor(loss).detach().to(device=device, dtype=exact)
+        gap = torch.as_tensor(adv_loss).detach().to(device=device, dtype=exact) - loss
+        self._last["surrogate_gap"] = gap
+        if self._option("asi"):
+            self._adapt_rho(loss, gap, keep)
 
-    def _adapt_rho(self, loss: float, gap: float) -> None:
+    def _adapt_rho(self, loss: Tensor, gap: Tensor, keep: Tensor | None) -> None:
+        """ASI's ρ-update, decided on the device (no host read). The averages are NaN until the first
+        observation, which initialises them (and, with ``asi_first_sync="adapt"``, runs the rule with
+        ``Δ = 0``); a skipped step changes nothing."""
         beta_ = self.defaults["aga_beta"]
         sam = self.sam
-        if sam["ema_loss"] is None:  # the first observation initialises the averages
-            sam["ema_gap"], sam["ema_loss"] = abs(gap), loss
-            if self.defaults["asi_first_sync"] == "initialise":
-                return
-            delta = 0.0  # research code: the rule runs now too; Δ = 0 counts as "not improving"
-        else:
-            sam["ema_gap"] = beta_ * sam["ema_gap"] + (1 - beta_) * abs(gap)
-            previous = sam["ema_loss"]
-            sam["ema_loss"] = beta_ * previous + (1 - beta_) * loss
-            delta = sam["ema_loss"] - previous
+
+        def previous(key: str) -> Tensor:
+            value = sam[key]
+            return torch.full_like(loss, float("nan")) if value is None else torch.as_tensor(value).to(loss)
+
+        prev_gap, prev_loss, prev_scale = previous("ema_gap"), previous("ema_loss"), previous("rho_scale")
+        first = torch.isnan(prev_loss)
+        ema_gap = torch.where(first, gap.abs(), beta_ * prev_gap + (1 - beta_) * gap.abs())
+        ema_loss = torch.where(first, loss, beta_ * prev_loss + (1 - beta_) * loss)
+        delta = torch.where(first, 0.0, ema_loss - prev_loss)  # research code: Δ = 0 on the first ("adapt")
         # ASI scales every group's ρ by one factor, clipped to [0.1, 10] of the configured ρ
-        sam["rho_scale"] = F.asi_rho(sam["rho_scale"], 1.0, gap, sam["ema_gap"], delta,
-                                     self.defaults["alpha"], self.defaults["aga_gamma"])
-        sam["rho"] = self.defaults["rho"] * sam["rho_scale"]
+        scale = F.asi_rho(prev_scale, 1.0, gap, ema_gap, delta, self.defaults["alpha"], self.defaults["aga_gamma"])
+        if self.defaults["asi_first_sync"] == "initialise":
+            scale = torch.where(first, prev_scale, scale)
+        if keep is not None:
+            ema_gap, ema_loss, scale = (torch.where(keep, new, old) for new, old in
+                                        ((ema_gap, prev_gap), (ema_loss, prev_loss), (scale, prev_scale)))
+        sam["ema_gap"], sam["ema_loss"], sam["rho_scale"] = ema_gap, ema_loss, scale
+        sam["rho"] = self.defaults["rho"] * scale
 
     def _lazy_gradients(self, gathered, plan: dict[str, Any]):
         """Inject the stored shear force into the fresh gradient (new tensors; ``p.grad`` untouched)."""
         if (self._option("adaptive_sync") and self.defaults["aga_rule"] == "abs" and plan["phi"] is not None
-                and self.sam["prev_lazy"]):
+                and math.isfinite(plan["phi"]) and self.sam["prev_lazy"]):
             beta_ = self.defaults["aga_beta"]
             self.sam["nu"] = beta_ * self.sam["nu"] + (1 - beta_) * float(plan["phi"]) ** 2
             self.sam["nu_count"] += 1

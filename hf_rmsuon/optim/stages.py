@@ -42,12 +42,15 @@ class MatrixBatch:
     orthogonalize: OrthogonalizeFn
     state_dtype: Callable[[Tensor], torch.dtype]
     reduce: F.Reduce | None = None  # sums per-shard partial reductions (None: not sharded)
+    #: the step gate: a 0-d bool on the device, false when a gradient is non-finite (``grads`` are then
+    #: zeros); every stage that writes state keeps it unchanged when false. ``None``: always applied.
+    keep: Tensor | None = None
     # filled by the stages
     inputs: list[Tensor] = field(default_factory=list)  # what Newton–Schulz sees
     denoms: list[Tensor] | None = None  # √v̂+ε, when the member keeps Adam moments
-    bias_corrections1: list[float] | None = None  # 1−β1^t per tensor
+    bias_corrections1: Tensor | None = None  # 1−β1^t per tensor (a vector on the device)
     energies: Tensor | None = None  # E per tensor (stacked)
-    energy_of_input: list[float] | None = None  # or E = ‖input‖·factor, once the input norms are known
+    energy_of_input: Tensor | None = None  # or E = ‖input‖·factor, once the input norms are known
     ortho: list[Tensor] = field(default_factory=list)  # O
     input_norms: Tensor | None = None  # ‖input‖ and ‖O‖ of whole matrices (orthogonalization stage)
     ortho_norms: Tensor | None = None
@@ -65,11 +68,19 @@ class MatrixBatch:
         """``E`` per tensor: given by the preconditioning stage, or ``‖input‖·factor``."""
         if self.energies is not None:
             return self.energies
-        return self.input_norms * _as_tensor(self.energy_of_input, self.input_norms)
+        return self.input_norms * self.energy_of_input.to(self.input_norms.dtype)
 
     def updates(self) -> list[Tensor]:
-        """``U`` per tensor."""
-        updates = F.scale_each(self.ortho, self.scales) if self.scales is not None else list(self.ortho)
+        """``U`` per tensor (zero on a skipped step), scaling ``O`` in place: it is this step's own
+        buffer, and a fresh full-size temporary costs more than an in-place pass."""
+        scales = self.scales
+        if self.keep is not None:
+            scales = self.keep.to(self.ortho[0].dtype) if scales is None else scales * self.keep
+        if scales is not None and scales.ndim == 0:
+            torch._foreach_mul_(self.ortho, scales)
+        elif scales is not None:
+            torch._foreach_mul_(self.ortho, list(scales.to(self.ortho[0].dtype).unbind()))
+        updates = list(self.ortho)
         if self.extra is not None:
             updates = list(torch._foreach_add(updates, self.extra))
         return updates
@@ -104,23 +115,35 @@ def state_buffer(state: dict[str, Any], key: str, param: Tensor, dtype: torch.dt
     return F.local(state[key])
 
 
+def step_count(state: dict[str, Any], param: Tensor) -> Tensor:
+    """The tensor's Adam step count ``t``: a float32 0-d tensor on the parameter's (local) device, as
+    torch's fused and capturable Adam keep it, so steps advance — or not, on a skipped step — without
+    a host read."""
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=F.local(param).device)
+    return state["step"]
+
+
 def advance_adam_moments(
     grads: list[Tensor], states: list[dict[str, Any]], betas: tuple[float, float], eps: float,
-    state_dtype: Callable[[Tensor], torch.dtype], params: list[Tensor],
-) -> tuple[list[Tensor], list[Tensor], list[float]]:
-    """``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``, ``t ← t+1`` per tensor; returns
-    ``(m, √v̂+ε, 1−β1^t)`` (local values). ``params``: as the optimizer holds them (state is created
-    like them). Shared by the AdamW track and the RMSuon members' matrix track."""
+    state_dtype: Callable[[Tensor], torch.dtype], params: list[Tensor], keep: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·g²``, ``t ← t+1`` per tensor (all unchanged when
+    the gate ``keep`` is false; ``grads`` are zeros then); returns ``(m, √v̂+ε, 1−β1^t)`` (local values;
+    the bias corrections a vector on the device). ``params``: as the optimizer holds them (state is
+    created like them). Shared by the AdamW track and the RMSuon members' matrix track."""
     beta1, beta2 = betas
     exp_avgs, exp_avg_sqs = [], []
     for p, st in zip(params, states):
         exp_avgs.append(state_buffer(st, "exp_avg", p, state_dtype(p)))
         exp_avg_sqs.append(state_buffer(st, "exp_avg_sq", p, state_dtype(p)))
-        st["step"] = st.get("step", 0) + 1
-    F.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
-    corrections = [F.bias_corrections(st["step"], beta1, beta2) for st in states]
-    denoms = F.rms_denominators(exp_avg_sqs, [bc2 for _, bc2 in corrections], eps)
-    return exp_avgs, denoms, [bc1 for bc1, _ in corrections]
+    steps = [step_count(st, p) for p, st in zip(params, states)]
+    F.advance_steps_(steps, keep)
+    F.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2, keep)
+    # float64 bias corrections for float64 state (references at 1e-12), float32 otherwise
+    counts = torch.stack(steps).to(torch.float64 if any(m.dtype == torch.float64 for m in exp_avgs) else torch.float32)
+    denoms = F.rms_denominators(exp_avg_sqs, F.bias_correction(counts, beta2), eps)
+    return exp_avgs, denoms, F.bias_correction(counts, beta1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +169,7 @@ class NesterovMomentum(Stage):
     def __call__(self, batch: MatrixBatch) -> None:
         momentum = batch.group["momentum"]
         bufs = [batch.buffer(i, "momentum_buffer") for i in range(len(batch.grads))]
-        F.ema_lerp_(bufs, batch.grads, momentum)
+        F.ema_lerp_(bufs, batch.grads, momentum, batch.keep)
         batch.inputs = [g.lerp(m, momentum) for g, m in zip(batch.grads, bufs)] if batch.group["nesterov"] else bufs
 
 
@@ -159,10 +182,12 @@ class SignedNesterovMomentum(Stage):
     def __call__(self, batch: MatrixBatch) -> None:
         beta1 = batch.group["betas"][0]
         bufs = [batch.buffer(i, "momentum_buffer") for i in range(len(batch.grads))]
-        torch._foreach_mul_(bufs, beta1)
+        torch._foreach_mul_(bufs, F.gated(batch.keep, beta1, 1.0))
         torch._foreach_add_(bufs, batch.grads)
         nesterov = torch._foreach_add(batch.grads, bufs, alpha=beta1)
         torch._foreach_sign_(nesterov)
+        if batch.keep is not None:  # zero input on a skipped step, so that O = 0 leaves AdaMuon's V as it is
+            torch._foreach_mul_(nesterov, batch.keep)
         batch.inputs = list(nesterov)
 
 
@@ -175,18 +200,14 @@ class AdamMoments(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         exp_avgs, batch.denoms, batch.bias_corrections1 = advance_adam_moments(
-            batch.grads, batch.states, batch.group["betas"], batch.group["eps"], batch.state_dtype, batch.owners)
+            batch.grads, batch.states, batch.group["betas"], batch.group["eps"], batch.state_dtype, batch.owners,
+            batch.keep)
         batch.inputs = exp_avgs
 
 
 # --------------------------------------------------------------------------------------------------
 # preconditioning
 # --------------------------------------------------------------------------------------------------
-
-
-def _as_tensor(values: list[float], like: Tensor) -> Tensor:
-    """Per-tensor Python scalars as a vector beside ``like`` (same device and dtype)."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 class Whiten(Stage):
@@ -199,7 +220,7 @@ class Whiten(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         batch.inputs = F.whiten(batch.inputs, batch.denoms)
-        batch.energy_of_input = [1.0 / bc for bc in batch.bias_corrections1]
+        batch.energy_of_input = batch.bias_corrections1.reciprocal()
 
 
 class WhitenedEnergy(Stage):
@@ -209,7 +230,7 @@ class WhitenedEnergy(Stage):
 
     def __call__(self, batch: MatrixBatch) -> None:
         norms = F.frobenius_norms(F.whiten(batch.inputs, batch.denoms), batch.reduce)
-        batch.energies = norms * _as_tensor([1.0 / bc for bc in batch.bias_corrections1], norms)
+        batch.energies = norms / batch.bias_corrections1.to(norms.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,13 +292,13 @@ class AdaptiveRMSRescale(Stage):
     def __call__(self, batch: MatrixBatch) -> None:
         beta2, eps = batch.group["betas"][1], batch.group["eps"]
         sqs = [batch.buffer(i, "exp_avg_sq") for i in range(len(batch.ortho))]
-        F.ema_square_(sqs, batch.ortho, beta2)
+        F.ema_square_(sqs, batch.ortho, beta2, batch.keep)  # O = 0 on a skipped step
         denoms = torch._foreach_sqrt(sqs)
         torch._foreach_add_(denoms, eps)
         adapted = list(torch._foreach_div(batch.ortho, denoms))
         norms = F.frobenius_norms(adapted, batch.reduce)
-        targets = torch.tensor([0.2 * math.sqrt(math.prod(s.shape)) for s in batch.specs], dtype=norms.dtype,
-                               device=norms.device)
+        targets = F.constant_vector(tuple(0.2 * math.sqrt(math.prod(s.shape)) for s in batch.specs), norms.device,
+                                    norms.dtype)
         batch.ortho, batch.ortho_norms, batch.scales = adapted, norms, targets / (norms + eps)
 
 
@@ -313,7 +334,9 @@ class NaturalDecay(Stage):
         if not any(wds):
             return
         params = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(batch.params, batch.denoms)]
-        wd = torch.tensor(wds, dtype=torch.float32, device=batch.scales.device)
+        wd = F.constant_vector(tuple(wds), batch.scales.device, torch.float32)
+        if batch.keep is not None:  # the decay is part of U, so it too is zero on a skipped step
+            wd = wd * batch.keep
         if batch.group["natural_wd"] == "projected":
             batch.scales = batch.scales + wd * F.projected_natural_decay(
                 params, batch.denoms, batch.ortho, 1.0, batch.ortho_norms, batch.reduce)
