@@ -549,15 +549,21 @@ def sam_perturbation(
 ) -> list[Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
     times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's; floats, or a vector on the
-    device when ASI adapts it); ``‖N‖`` is taken over
-    all the given tensors ("global") or is each tensor's own ("per_tensor")."""
+    device when ASI adapts it); ``‖N‖`` is taken over all the given tensors ("global") or is each
+    tensor's own ("per_tensor").
+
+    ``denoms`` are consumed: ``e`` is built in their memory (embeddings are most of an LLM's
+    parameters, and each full-size temporary costs more than an in-place pass)."""
     if perturb_norm not in ("global", "per_tensor"):
         raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
     if not grads:
         return []
-    directions = [g / d if d is not None else g.clone() for g, d in zip(grads, denoms)]
-    if adaptive:
-        torch._foreach_mul_(directions, [p.abs() for p in params])
+    directions = [torch.div(g, d, out=d) if d is not None else g.clone() for g, d in zip(grads, denoms)]
+    if adaptive:  # N·|p| = copysign(|N·p|, N), in place (no |p| temporary); N has the sign of g
+        torch._foreach_mul_(directions, params)
+        torch._foreach_abs_(directions)
+        for n, g in zip(directions, grads):
+            n.copysign_(g)
     rho = rhos.to(directions[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
         tuple(rhos), directions[0].device, torch.float32)
     if perturb_norm == "global":
@@ -579,12 +585,15 @@ def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],
 
 
 def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor,
-                 reduce: Reduce | None = None) -> list[Tensor]:
-    """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor (new tensors)."""
+                 reduce: Reduce | None = None, shear_norms: Tensor | None = None) -> list[Tensor]:
+    """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor (new tensors, one pass each).
+    ``shear_norms``: ``‖s‖`` when known (``s`` is fixed between syncs)."""
     if not grads:
         return []
-    factors = alpha * frobenius_norms(grads, reduce) / (frobenius_norms(shears, reduce) + SHEAR_EPS)
-    return [g + s * f.to(g.dtype) for g, s, f in zip(grads, shears, factors.unbind())]
+    if shear_norms is None:
+        shear_norms = frobenius_norms(shears, reduce)
+    factors = alpha * frobenius_norms(grads, reduce) / (shear_norms + SHEAR_EPS)
+    return [torch.addcmul(g, s, f.to(g.dtype)) for g, s, f in zip(grads, shears, factors.unbind())]
 
 
 def alignment(grads: list[Tensor], shears: list[Tensor], reduce: Reduce | None = None) -> Tensor:

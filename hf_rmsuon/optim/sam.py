@@ -130,6 +130,7 @@ class ARS(AdaRMSuon):
         }
         self._plan: dict[str, Any] | None = None
         self._pass: dict[str, Any] | None = None  # the recorded second pass of the coming step
+        self._shear_norms: dict[int, Tensor] | None = None  # ‖s‖ per parameter, valid until the next sync
         self._model: weakref.ref | None = weakref.ref(model) if model is not None else None
         if self.sharding is not None and model is None:
             raise ValueError(
@@ -275,7 +276,8 @@ class ARS(AdaRMSuon):
             "params": values,
             "weights": [v.detach().clone() for v in values],
             "grad_params": all_params,
-            "base_grads": [F.local(p.grad).detach().clone() for p in all_params],
+            # the base gradient is needed only for the shear force (Lazy mode / AGA)
+            "base_grads": [F.local(p.grad).detach().clone() for p in all_params] if self._stores_shear() else [],
         }
         F.decay_and_apply_(values, e, [-1.0] * len(values), [1.0] * len(values))  # w ← w + e
         for p in all_params:
@@ -397,6 +399,7 @@ class ARS(AdaRMSuon):
                 else:
                     s.masked_fill_(keep.logical_not(), 0.0)
             self.state[p]["shear"] = self.sharding.like(p, s) if self.sharding is not None else s
+        self._shear_norms = None  # ‖s‖, taken once by the first lazy step after this sync
         loss, adv_loss = self._pass.get("loss"), self._pass.get("adv_loss")
         if loss is None or adv_loss is None:
             return
@@ -445,13 +448,20 @@ class ARS(AdaRMSuon):
         if not self._stores_shear():
             return gathered
         out = []
+        if self._shear_norms is None:
+            self._shear_norms = {}
         for group, params, grads in gathered:
             grads = list(grads)
             idx = [i for i, p in enumerate(params) if "shear" in self.state[p]]
             if idx:
                 fresh = self._in_state_dtype([params[i] for i in idx], [grads[i] for i in idx])
-                injected = F.inject_shear(fresh, [F.local(self.state[params[i]]["shear"]) for i in idx], plan["alpha"],
-                                          self._reduce())
+                shears = [F.local(self.state[params[i]]["shear"]) for i in idx]
+                missing = [j for j, i in enumerate(idx) if id(params[i]) not in self._shear_norms]
+                if missing:  # s is fixed until the next sync: its norms are taken once
+                    norms = F.frobenius_norms([shears[j] for j in missing], self._reduce())
+                    self._shear_norms.update((id(params[idx[j]]), n) for j, n in zip(missing, norms.unbind()))
+                shear_norms = torch.stack([self._shear_norms[id(params[i])] for i in idx])
+                injected = F.inject_shear(fresh, shears, plan["alpha"], self._reduce(), shear_norms)
                 for i, g in zip(idx, injected):
                     grads[i] = g
             out.append((group, params, grads))
@@ -472,6 +482,7 @@ class ARS(AdaRMSuon):
         return {"sam": dict(self.sam)}
 
     def _load_extra_state(self, family: dict[str, Any]) -> None:
+        self._shear_norms = None
         if "sam" in family:
             self.sam.update(family["sam"])
 
