@@ -364,14 +364,12 @@ class Stepper:
         if not opt.sam_pass_due():
             return "lazy", 0.0
         device = self.params[0].device
-
-        def sam_pass() -> None:
-            opt.begin_sam_pass()
-            for p in self.params:
-                p.grad.copy_(adv_grads[id(p)])
-            opt.end_sam_pass()
-
-        return "sync", timed(sam_pass, device)
+        # the bookkeeping is begin + end; the copy of the preset adversarial gradient between them
+        # stands in for the second backward and is not counted
+        begin = timed(opt.begin_sam_pass, device)
+        for p in self.params:
+            p.grad.copy_(adv_grads[id(p)])
+        return "sync", begin + timed(opt.end_sam_pass, device)
 
     def step(self) -> None:
         with self.context():
@@ -480,24 +478,32 @@ def _ns_standard_reused_buffers(x: Tensor, steps: int, coefficients: tuple[float
 
 
 def bench_ns_shapes(cfg: ScaleSetting, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Per shape: the standard iteration, the Gram iteration and the standard one with reused buffers
-    (interleaved), and which one ``F.newton_schulz`` picks — the measurement behind ``F.ns_method``."""
+    """Per shape: the standard iteration, the Gram iteration, the standard one with reused buffers and
+    the ``compile=True`` path (``torch.compile`` of ``F.newton_schulz``; its compile time recorded
+    apart), interleaved, and which one ``F.newton_schulz`` picks — the measurement behind ``F.ns_method``
+    and the ``compile`` default."""
     from hf_rmsuon import functional as F
 
     shapes = [(r // 16, c // 16) for r, c in NS_SHAPES] if cfg.tiny else NS_SHAPES
     kernels = {"standard": F.newton_schulz_standard, "gram": F.newton_schulz_gram,
                "standard, reused buffers": _ns_standard_reused_buffers}
+    if not cfg.tiny:  # (compiling takes tens of seconds per shape: not in the test-sized run)
+        kernels["compiled"] = F.compiled_newton_schulz()
     out = {}
     g = torch.Generator().manual_seed(4)
     for shape in shapes:
         x = torch.randn(shape, generator=g).to(device)
-        results = {n: k(x, 5, F.NS_COEFFICIENTS, dtype) for n, k in kernels.items()}
+        start = time.perf_counter()
+        results = {n: kernels[n](x, 5, F.NS_COEFFICIENTS, dtype) for n in kernels if n == "compiled"}  # compiles
+        compile_s = time.perf_counter() - start
+        results.update({n: k(x, 5, F.NS_COEFFICIENTS, dtype) for n, k in kernels.items() if n != "compiled"})
         samples = interleaved(list(kernels), max(3, cfg.opt_rounds + 2), 1, lambda n, r, x=x: {
             "wall": timed(lambda: kernels[n](x, 5, F.NS_COEFFICIENTS, dtype), device)})
         std = statistics.median(s["wall"] for s in samples["standard"])
         ref = results["standard"].double()
         out["×".join(map(str, shape))] = {
             "chosen": F.ns_method(*shape, 5, dtype),
+            **({"compile_s": compile_s} if "compiled" in kernels else {}),
             "flop_ratio_gram": F.ns_flops(*shape, 5, "gram") / F.ns_flops(*shape, 5, "standard"),
             **{n: {"median_ms": 1e3 * statistics.median(s["wall"] for s in ss),
                    "vs_standard": statistics.median(s["wall"] for s in ss) / std,
@@ -847,12 +853,15 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
             "ns_shapes" in a["parts"] for a in data.get("added_parts", [])) else ""
         out += [f"Newton–Schulz per shape ({ns['dtype']}, 5 steps, one matrix; time ÷ the standard iteration, "
                 f"paired; FLOP ratio of the Gram iteration; what `F.newton_schulz` picks){note}:", "",
-                "| shape | standard ms | Gram | Gram FLOPs | reused buffers | picked | Gram vs standard (rel.) |",
-                "|---|---|---|---|---|---|---|"]
+                "| shape | standard ms | Gram | Gram FLOPs | reused buffers | compiled (`compile=True`; compile s) "
+                "| picked | Gram vs standard (rel.) |",
+                "|---|---|---|---|---|---|---|---|"]
         for shape, e in ns["shapes"].items():
+            compiled = (f"{_f(e['compiled']['paired_vs_standard'])} ({e['compile_s']:.0f} s)" if "compiled" in e
+                        else "not measured")
             out.append(f"| {shape} | {e['standard']['median_ms']:.0f} | {_f(e['gram']['paired_vs_standard'])} | "
                        f"{_f(e['flop_ratio_gram'])} | {_f(e['standard, reused buffers']['paired_vs_standard'])} | "
-                       f"{e['chosen']} | {e['gram']['rel_diff_vs_standard']:.1e} |")
+                       f"{compiled} | {e['chosen']} | {e['gram']['rel_diff_vs_standard']:.1e} |")
         out.append("")
     head = ["optimizer step (gradients preset)", "median s", "× torch Muon (NS fp32)", "paired", "limit",
             "host reads / step"]

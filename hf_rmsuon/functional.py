@@ -340,12 +340,15 @@ def bias_correction(steps: Tensor, beta: float) -> Tensor:
 
 
 def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor | list[float],
-                     eps: float | list[Tensor]) -> list[Tensor]:
+                     eps: float | list[Tensor], out: list[Tensor | None] | None = None) -> list[Tensor]:
     """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor: floats, or a vector on the
-    device; ``eps`` one number or one 0-d tensor per tensor)."""
+    device; ``eps`` one number or one 0-d tensor per tensor); written into ``out`` where given."""
     if not exp_avg_sqs:
         return []
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    if out is None:
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        denoms = [torch.sqrt(v, out=o) if o is not None else v.sqrt() for v, o in zip(exp_avg_sqs, out)]
     if isinstance(bias_corrections2, Tensor):
         torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
     else:
@@ -538,7 +541,7 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
 # --------------------------------------------------------------------------------------------------
 
 
-def sam_perturbation(
+def sam_perturbation_(
     grads: list[Tensor],
     denoms: list[Tensor | None],
     params: list[Tensor],
@@ -546,32 +549,42 @@ def sam_perturbation(
     adaptive: bool,
     perturb_norm: str,
     reduce: Reduce | None = None,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``. ``ρ`` is per tensor (its param group's; floats, or a vector on the
-    device when ASI adapts it); ``‖N‖`` is taken over all the given tensors ("global") or is each
-    tensor's own ("per_tensor").
-
-    ``denoms`` are consumed: ``e`` is built in their memory (embeddings are most of an LLM's
-    parameters, and each full-size temporary costs more than an in-place pass)."""
+    times ``|p|`` when ``adaptive``, as ``(N, c)`` with ``e_i = c_i·N_i`` — ``N`` computed **in place**
+    in ``grads``, and the given denominators reused as scratch for ``|p|`` (embeddings are most of an
+    LLM's parameters; a fresh full-size temporary costs more than an in-place pass); the scaling is
+    left to :func:`apply_perturbation_`, which folds it into ``w ← w + e``. ``ρ`` is per tensor (its
+    param group's; floats, or a vector on the device when ASI adapts it); ``‖N‖`` is taken over all
+    the given tensors ("global") or is each tensor's own ("per_tensor")."""
     if perturb_norm not in ("global", "per_tensor"):
         raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
     if not grads:
-        return []
-    directions = [torch.div(g, d, out=d) if d is not None else g.clone() for g, d in zip(grads, denoms)]
-    if adaptive:  # N·|p| = copysign(|N·p|, N), in place (no |p| temporary); N has the sign of g
-        torch._foreach_mul_(directions, params)
-        torch._foreach_abs_(directions)
-        for n, g in zip(directions, grads):
-            n.copysign_(g)
-    rho = rhos.to(directions[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
-        tuple(rhos), directions[0].device, torch.float32)
+        return [], torch.zeros(0)
+    divided = [i for i, d in enumerate(denoms) if d is not None]
+    if divided:
+        torch._foreach_div_([grads[i] for i in divided], [denoms[i] for i in divided])
+    if adaptive:
+        for n, p, d in zip(grads, params, denoms):
+            if d is None or d.shape != p.shape:
+                n.mul_(p.abs())
+            else:  # |p| into the spent denominator (converting bf16/fp16 weights to the state dtype)
+                n.mul_(torch.abs(p, out=d) if d.dtype == p.dtype else d.copy_(p).abs_())
+    rho = rhos.to(grads[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
+        tuple(rhos), grads[0].device, torch.float32)
     if perturb_norm == "global":
-        scales = rho / (global_norm(directions, reduce) + SHEAR_EPS)
-    else:
-        scales = rho / (frobenius_norms(directions, reduce) + SHEAR_EPS)
-    torch._foreach_mul_(directions, list(scales.to(directions[0].dtype).unbind()))  # in place: no new copy
-    return directions
+        return grads, rho / (global_norm(grads, reduce) + SHEAR_EPS)
+    return grads, rho / (frobenius_norms(grads, reduce) + SHEAR_EPS)
+
+
+def apply_perturbation_(params: list[Tensor], directions: list[Tensor], scales: Tensor) -> None:
+    """In place: ``w ← w + c·N`` per tensor (one pass; bf16/fp16 weights computed in float32 and written
+    back once)."""
+    for p, n, c in zip(params, directions, scales.unbind()):
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.copy_(p.float().addcmul_(n.float(), c.float()))
+        else:
+            p.addcmul_(n.to(p.dtype), c.to(p.dtype))
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],
@@ -585,15 +598,19 @@ def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],
 
 
 def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor,
-                 reduce: Reduce | None = None, shear_norms: Tensor | None = None) -> list[Tensor]:
-    """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor (new tensors, one pass each).
-    ``shear_norms``: ``‖s‖`` when known (``s`` is fixed between syncs)."""
+                 reduce: Reduce | None = None, shear_norms: Tensor | None = None,
+                 out: list[Tensor] | None = None, grad_norms: Tensor | None = None) -> list[Tensor]:
+    """Lazy step: ``g + α·(‖g‖/(‖s‖+1e-12))·s`` per tensor, one pass each (into ``out`` where given,
+    else new tensors). ``shear_norms``/``grad_norms``: ``‖s‖``/``‖g‖`` when already known."""
     if not grads:
         return []
     if shear_norms is None:
         shear_norms = frobenius_norms(shears, reduce)
-    factors = alpha * frobenius_norms(grads, reduce) / (shear_norms + SHEAR_EPS)
-    return [torch.addcmul(g, s, f.to(g.dtype)) for g, s, f in zip(grads, shears, factors.unbind())]
+    if grad_norms is None:
+        grad_norms = frobenius_norms(grads, reduce)
+    factors = alpha * grad_norms / (shear_norms + SHEAR_EPS)
+    outs = out if out is not None else [None] * len(grads)
+    return [torch.addcmul(g, s, f.to(g.dtype), out=o) for g, s, f, o in zip(grads, shears, factors.unbind(), outs)]
 
 
 def alignment(grads: list[Tensor], shears: list[Tensor], reduce: Reduce | None = None) -> Tensor:

@@ -206,10 +206,15 @@ def test_sam_perturbation(ref, perturb_norm, adaptive, first_step):
     v_hats = [None] * 3 if first_step else [torch.rand(*s, generator=gen, dtype=torch.float64) for s in shapes]
     eps = 1e-3  # large enough that a missing ε would show
     denoms = [None if v is None else v.sqrt() + eps for v in v_hats]
-    e = F.sam_perturbation(grads, denoms, params, [0.05] * 3, adaptive, perturb_norm)
     expected = ref.perturbation(grads, v_hats, params, 0.05, eps, adaptive, perturb_norm)
+    work = [g.clone() for g in grads]
+    directions, scales = F.sam_perturbation_(work, denoms, params, [0.05] * 3, adaptive, perturb_norm)
+    assert all(a is b for a, b in zip(directions, work))  # N in place
+    moved = [p.clone() for p in params]
+    F.apply_perturbation_(moved, directions, scales)
+    e = [m - p for m, p in zip(moved, params)]
     for got, want in zip(e, expected):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-15)
     if perturb_norm == "global":
         assert math.sqrt(sum(ref.fro(t) ** 2 for t in e)) == pytest.approx(0.05, rel=1e-6)
     else:
@@ -218,7 +223,7 @@ def test_sam_perturbation(ref, perturb_norm, adaptive, first_step):
 
 def test_sam_perturbation_rejects_unknown_norm():
     with pytest.raises(ValueError, match="perturb_norm"):
-        F.sam_perturbation([torch.ones(2, 2)], [None], [torch.ones(2, 2)], [0.1], False, "spectral")
+        F.sam_perturbation_([torch.ones(2, 2)], [None], [torch.ones(2, 2)], [0.1], False, "spectral")
 
 
 def test_shear_force_and_injection(ref):

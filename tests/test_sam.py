@@ -478,3 +478,25 @@ def test_sam_diagnostics_keys_and_values(ref):
         assert key in diag, key
     assert "phi" not in diag  # no AGA, no alignment measured
     assert diag["surrogate_gap"] == pytest.approx(rec.calls[1]["loss"] - rec.calls[0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name,hp", [("ars", {}), ("ars2_neo", {"k": 2}), ("ars2_neo", {"k": 3, "adaptive_sync": True})])
+def test_kept_sync_buffers_reuse_memory_and_change_nothing(ref, name, hp):
+    """keep_buffers (default) reuses the weight-copy / base-gradient memory across sync steps and
+    lazy injections; the trajectory is bit-identical to fresh buffers every step, which keep nothing."""
+    batches = _batches(7, seed=3)
+    runs = {}
+    for keep in (True, False):
+        model, _, _ = ref.regression_problem(seed=5)
+        opt = create_optimizer(name, model, lr=1e-2, keep_buffers=keep, **hp)
+        rec = Recorder(opt, model)
+        pointers = []
+        for batch in batches:
+            rec.step(batch)
+            pointers.append(sorted(b.data_ptr() for b in opt._buffers.values()))
+        runs[keep] = ([p.detach().clone() for p in model.parameters()], pointers, opt)
+    kept, fresh = runs[True], runs[False]
+    for a, b in zip(kept[0], fresh[0]):
+        assert torch.equal(a, b)
+    assert kept[1][0] and all(p == kept[1][0] for p in kept[1])  # the same memory every step
+    assert fresh[1] == [[]] * len(batches) and fresh[2]._pass is None

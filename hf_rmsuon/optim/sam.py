@@ -34,6 +34,8 @@ SAM_HPARAMS = (
     flag("adaptive", True, "ASAM-style scale invariance: N ← N⊙|p|"),
     choice("perturb_norm", "global", ("global", "per_tensor"), "‖N‖ over all tensors, or per tensor"),
     flag("replay_rng", True, "dropout sees the same RNG state in both passes"),
+    flag("keep_buffers", True, "keep the sync step's weight copy and base gradient buffers between steps "
+                               "(reused: no allocation per sync step; their memory stays held)"),
 )
 NEO_HPARAMS = (
     flag("adaptive_sync", False, "AGA: sync when the cached shear force has gone stale"),
@@ -131,6 +133,7 @@ class ARS(AdaRMSuon):
         self._plan: dict[str, Any] | None = None
         self._pass: dict[str, Any] | None = None  # the recorded second pass of the coming step
         self._shear_norms: dict[int, Tensor] | None = None  # ‖s‖ per parameter, valid until the next sync
+        self._buffers: dict[tuple[int, str], Tensor] = {}  # sync-step buffers (keep_buffers), not state
         self._model: weakref.ref | None = weakref.ref(model) if model is not None else None
         if self.sharding is not None and model is None:
             raise ValueError(
@@ -221,7 +224,19 @@ class ARS(AdaRMSuon):
         self._plan = None
         self._pass = None
 
-    def _previous_denominators(self, params: list[Tensor], groups: list[dict]) -> list[Tensor | None]:
+    def _buffer(self, p: Tensor, key: str, like: Tensor) -> Tensor:
+        """A scratch tensor like ``like`` for ``p``'s sync-step ``key`` ("weights", "base_grad"): the same
+        memory every sync step with ``keep_buffers`` (a fresh buffer costs page faults on a CPU, and
+        the caching allocator holds it on an accelerator anyway), else a new one."""
+        if not self.defaults["keep_buffers"]:
+            return torch.empty_like(like)
+        buf = self._buffers.get((id(p), key))
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[(id(p), key)] = torch.empty_like(like)
+        return buf
+
+    def _previous_denominators(self, params: list[Tensor], groups: list[dict],
+                               out: list[Tensor | None] | None = None) -> list[Tensor | None]:
         """``√v̂+ε`` of the previous step per tensor (``None`` before its first step: ``N = g``).
 
         Computed on the device: a tensor whose moments exist but whose every step was skipped (``t = 0``,
@@ -241,7 +256,8 @@ class ARS(AdaRMSuon):
             counts = torch.stack([st["step"] for st in states])
             eps = list(torch.where(counts > 0, adam_eps, 1.0).unbind())
             values = F.rms_denominators([F.local(st["exp_avg_sq"]) for st in states],
-                                        F.bias_correction(counts, beta2), eps)
+                                        F.bias_correction(counts, beta2), eps,
+                                        [out[i] for i in idx] if out is not None else None)
             for i, d in zip(idx, values):
                 denoms[i] = d
         return denoms
@@ -261,25 +277,31 @@ class ARS(AdaRMSuon):
         perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
         params = [p for p, _ in perturbed]
         values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
-        grads = [F.local(p.grad) if not grad_scale else F.local(p.grad) / grad_scale for p in params]
-        denoms = self._previous_denominators(params, [g for _, g in perturbed])
+        all_params = [p for p, _ in with_grad]
+        base_grads = []
+        if self._stores_shear():  # the base gradient is needed only for the shear force (Lazy mode / AGA)
+            base_grads = [self._buffer(p, "base_grad", F.local(p.grad)) for p in all_params]
+            torch._foreach_copy_(base_grads, [F.local(p.grad) for p in all_params])
+        # e is built in the gradients' memory (zeroed for the replay below anyway); the weight-copy
+        # buffers serve as scratch for √v̂+ε and |p| before they receive the weights
+        work = self._in_state_dtype(params, [F.local(p.grad) for p in params])
+        if grad_scale:
+            torch._foreach_div_(work, grad_scale)
+        weights = [self._buffer(p, "weights", v) for p, v in zip(params, values)]
+        scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
+        denoms = self._previous_denominators(params, [g for _, g in perturbed], scratch)
         device = values[0].device if values else torch.device("cpu")
         exact = torch.float32 if device.type == "mps" else torch.float64
         rhos = F.constant_vector(tuple(group["rho"] for _, group in perturbed), device, exact)
         scale = self.sam["rho_scale"]  # ASI's factor: a device tensor once adapted
         if isinstance(scale, Tensor) or scale != 1.0:
             rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
-        e = F.sam_perturbation(self._in_state_dtype(params, grads), denoms, values, rhos,
-                               self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce())
-        all_params = [p for p, _ in with_grad]
-        self._pass = {
-            "params": values,
-            "weights": [v.detach().clone() for v in values],
-            "grad_params": all_params,
-            # the base gradient is needed only for the shear force (Lazy mode / AGA)
-            "base_grads": [F.local(p.grad).detach().clone() for p in all_params] if self._stores_shear() else [],
-        }
-        F.decay_and_apply_(values, e, [-1.0] * len(values), [1.0] * len(values))  # w ← w + e
+        directions, scales = F.sam_perturbation_(work, denoms, values, rhos, self.defaults["adaptive"],
+                                                 self.defaults["perturb_norm"], self._reduce())
+        if weights:
+            torch._foreach_copy_(weights, values)
+        self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
+        F.apply_perturbation_(values, directions, scales)  # w ← w + e
         for p in all_params:
             F.local(p.grad).zero_()
         self._reshard()
@@ -344,14 +366,19 @@ class ARS(AdaRMSuon):
         plan = self._plan if self._plan is not None else self._make_plan()
         gathered = self._gather()
         sync = self._pass is not None
-        finite = self._finite_flag(gathered) if gathered else None
+        finite = self._finite_flag(gathered) if gathered and (sync or not self._stores_shear()) else None
         if sync:
             shears, finite = self._shear_forces(gathered, finite)
             keep = self._step_gate(finite) if gathered else None
             self._after_sync(plan, shears, keep)
         else:
+            grad_norms = None
+            if gathered and self._stores_shear():
+                # ‖g‖ per tensor, needed by the injection anyway, also answers "all finite?" (one pass)
+                grad_norms = [F.frobenius_norms(grads, self._reduce()) for _, _, grads in gathered]
+                finite = torch.isfinite(torch.cat(grad_norms).sum())
             keep = self._step_gate(finite) if gathered else None
-            gathered = self._lazy_gradients(gathered, plan)
+            gathered = self._lazy_gradients(gathered, plan, grad_norms)
         if plan.get("nu") is not None:  # the signed rule's ν, committed with the step
             self.sam["nu"] = float(plan["nu"])
         self.sam["step"] = plan["t"]
@@ -437,8 +464,9 @@ class ARS(AdaRMSuon):
         sam["ema_gap"], sam["ema_loss"], sam["rho_scale"] = ema_gap, ema_loss, scale
         sam["rho"] = self.defaults["rho"] * scale
 
-    def _lazy_gradients(self, gathered, plan: dict[str, Any]):
-        """Inject the stored shear force into the fresh gradient (new tensors; ``p.grad`` untouched)."""
+    def _lazy_gradients(self, gathered, plan: dict[str, Any], grad_norms: list[Tensor] | None = None):
+        """Inject the stored shear force into the fresh gradient (``p.grad`` untouched: the result goes
+        to the sync-step buffers, or new tensors without ``keep_buffers``)."""
         if (self._option("adaptive_sync") and self.defaults["aga_rule"] == "abs" and plan["phi"] is not None
                 and math.isfinite(plan["phi"]) and self.sam["prev_lazy"]):
             beta_ = self.defaults["aga_beta"]
@@ -450,7 +478,7 @@ class ARS(AdaRMSuon):
         out = []
         if self._shear_norms is None:
             self._shear_norms = {}
-        for group, params, grads in gathered:
+        for n, (group, params, grads) in enumerate(gathered):
             grads = list(grads)
             idx = [i for i, p in enumerate(params) if "shear" in self.state[p]]
             if idx:
@@ -461,7 +489,13 @@ class ARS(AdaRMSuon):
                     norms = F.frobenius_norms([shears[j] for j in missing], self._reduce())
                     self._shear_norms.update((id(params[idx[j]]), n) for j, n in zip(missing, norms.unbind()))
                 shear_norms = torch.stack([self._shear_norms[id(params[i])] for i in idx])
-                injected = F.inject_shear(fresh, shears, plan["alpha"], self._reduce(), shear_norms)
+                # into the base-gradient buffers, idle between sync steps
+                into = [self._buffer(params[i], "base_grad" if g.dtype == F.local(params[i].grad).dtype else "injected", g)
+                        for i, g in zip(idx, fresh)]
+                norms = None
+                if grad_norms is not None:
+                    norms = grad_norms[n] if len(idx) == len(params) else torch.stack([grad_norms[n][i] for i in idx])
+                injected = F.inject_shear(fresh, shears, plan["alpha"], self._reduce(), shear_norms, into, norms)
                 for i, g in zip(idx, injected):
                     grads[i] = g
             out.append((group, params, grads))
