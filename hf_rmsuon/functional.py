@@ -357,13 +357,17 @@ def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor | list
     return list(denoms)
 
 
-def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | list[float] | None = None
-           ) -> list[Tensor]:
+def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | list[float] | None = None,
+           overwrite_denominators: bool = False) -> list[Tensor]:
     """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient; without
-    ``bias_corrections1``, ``m/(√v̂+ε)`` (its direction, for scale-invariant uses)."""
+    ``bias_corrections1``, ``m/(√v̂+ε)`` (its direction, for scale-invariant uses). With
+    ``overwrite_denominators`` the result is written over ``denoms`` (no new full-size tensors)."""
     if not exp_avgs:
         return []
-    whitened = torch._foreach_div(exp_avgs, denoms)
+    if overwrite_denominators:
+        whitened = [torch.div(m, d, out=d) for m, d in zip(exp_avgs, denoms)]
+    else:
+        whitened = torch._foreach_div(exp_avgs, denoms)
     if isinstance(bias_corrections1, Tensor):
         torch._foreach_div_(whitened, list(bias_corrections1.unbind()))
     elif bias_corrections1 is not None:

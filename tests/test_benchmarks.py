@@ -65,6 +65,10 @@ def test_cost_state_memory_accounting(tiny_cost):
     assert mem["ars2_neo (k=5)"]["bytes_per_param"] == pytest.approx(12.0, rel=0.01)  # + shear force
     assert "shear" not in mem["ars (k=1)"]["by_key"]  # k=1 without AGA keeps no shear force
     assert not any(m["sam_pass_held_after_step"] for m in mem.values())
+    # the reused sync-step buffers: weights (4 B) for ars k=1; + base gradient for Lazy mode
+    assert mem["ars (k=1)"]["sam_buffer_bytes_per_param"] == pytest.approx(4.0, rel=0.01)
+    assert mem["ars2_neo (k=5)"]["sam_buffer_bytes_per_param"] == pytest.approx(8.0, rel=0.01)
+    assert mem["ada_rmsuon"]["sam_buffer_bytes_per_param"] == 0.0
 
 
 def test_cost_summary_targets_follow_the_samples(tiny_cost):

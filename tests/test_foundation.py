@@ -375,3 +375,20 @@ def test_ns_and_state_dtype_accept_torch_dtypes():
     assert hf_rmsuon.Muon([p], ns_dtype=torch.bfloat16).defaults["ns_dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="ns_dtype"):
         hf_rmsuon.Muon([p], ns_dtype=torch.float16)
+
+
+def test_whiten_overwrites_the_denominators_unless_a_later_stage_needs_them():
+    """AdaRMSuon's whitening is written over the step's √v̂+ε (no new full-size tensors); a chain that
+    reads them afterwards must declare it, or fails loudly instead of reading overwritten values."""
+    from hf_rmsuon.optim import stages as S
+    from hf_rmsuon.optim.rmsuon import FAdaRMSuon
+
+    class Undeclared(FAdaRMSuon):
+        name = "undeclared"
+        matrix_stages = (S.AdamMoments(), S.Whiten(), S.Orthogonalize(), S.EnergyRescale(), S.NaturalDecay())
+
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    w.grad = torch.randn(8, 4)
+    with pytest.raises(RuntimeError, match="keep_denominators"):
+        Undeclared([{"params": [w], "track": "matrix"}], weight_decay=0.1).step()
+    assert "Whiten(keep_denominators=True)" in (FAdaRMSuon.__doc__ or "")

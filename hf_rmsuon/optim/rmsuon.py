@@ -52,4 +52,4 @@ class FAdaRMSuon(FamilyOptimizer):
     schema = AdaRMSuon.schema.extended(
         choice("natural_wd", "projected", ("projected", "elementwise"), "form of the natural weight decay"),
     )
-    matrix_stages = (AdamMoments(), Whiten(), Orthogonalize(), EnergyRescale(), NaturalDecay())
+    matrix_stages = (AdamMoments(), Whiten(keep_denominators=True), Orthogonalize(), EnergyRescale(), NaturalDecay())

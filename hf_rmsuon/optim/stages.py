@@ -214,13 +214,22 @@ class Whiten(Stage):
     """Pre-whitening: ``G = m̂/(√v̂+ε)``, ``E = ‖G‖``; Newton–Schulz sees ``G`` (AdaRMSuon).
 
     NS is scale-invariant, so it is given ``m/(√v̂+ε)`` and the bias correction enters only ``E``;
-    ``‖G‖`` is taken by the orthogonalization stage, where the whole matrix is."""
+    ``‖G‖`` is taken by the orthogonalization stage, where the whole matrix is. ``G`` is written over
+    the step's ``√v̂+ε`` unless a later stage declared it needs them (``keep_denominators``)."""
 
     kind = "preconditioning"
 
+    def __init__(self, keep_denominators: bool = False) -> None:
+        self.keep_denominators = keep_denominators
+
     def __call__(self, batch: MatrixBatch) -> None:
-        batch.inputs = F.whiten(batch.inputs, batch.denoms)
+        batch.inputs = F.whiten(batch.inputs, batch.denoms, overwrite_denominators=not self.keep_denominators)
+        if not self.keep_denominators:
+            batch.denoms = None  # spent: a stage reading them after this one fails loudly
         batch.energy_of_input = batch.bias_corrections1.reciprocal()
+
+    def __repr__(self) -> str:
+        return "Whiten(keep_denominators=True)" if self.keep_denominators else "Whiten()"
 
 
 class WhitenedEnergy(Stage):
@@ -333,6 +342,8 @@ class NaturalDecay(Stage):
         wds = decay_weights(batch.specs, batch.group["weight_decay"])
         if not any(wds):
             return
+        if batch.denoms is None:
+            raise RuntimeError("NaturalDecay needs the step's √v̂+ε: declare Whiten(keep_denominators=True) before it")
         params = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(batch.params, batch.denoms)]
         wd = F.constant_vector(tuple(wds), batch.scales.device, torch.float32)
         if batch.keep is not None:  # the decay is part of U, so it too is zero on a skipped step
