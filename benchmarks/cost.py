@@ -257,10 +257,12 @@ def state_memory(stepper: Stepper) -> dict[str, Any]:
     n_params = sum(p.numel() for p in stepper.params)
     n_matrix = sum(p.numel() for p in stepper.params if id(p) in matrix_ids)
     pass_held = getattr(stepper.opt, "_pass", None)
+    buffers = getattr(stepper.opt, "_buffers", {})  # SAM's reused sync-step buffers (keep_buffers)
     return {
         "bytes": total, "params": n_params, "bytes_per_param": total / n_params,
         "matrix_bytes_per_matrix_param": matrix_bytes / n_matrix if n_matrix else None,
         "by_key": by_key, "sam_pass_held_after_step": pass_held is not None,
+        "sam_buffer_bytes_per_param": sum(b.numel() * b.element_size() for b in buffers.values()) / n_params,
     }
 
 

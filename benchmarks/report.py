@@ -630,12 +630,16 @@ def cost_section(cost: dict[str, Any], plots: dict[str, str]) -> list[str]:
     for n, r in cost["optimizer_step"]["rows"].items():
         m = r["memory"]
         keys = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in m["by_key"].items() if v >= 1000)
+        held = m.get("sam_buffer_bytes_per_param")
         rows.append([n, f(m["bytes_per_param"]), f(m["matrix_bytes_per_matrix_param"]), f"{m['bytes'] / 1e6:.2f}",
-                     keys, "no" if not m["sam_pass_held_after_step"] else "**yes**"])
+                     keys, "no" if not m["sam_pass_held_after_step"] else "**yes**",
+                     f(held) if held else "—"])
     out.append(table(["optimizer", "bytes / param", "matrix-track bytes / matrix param", "MB", "state tensors",
-                      "SAM copy held after step"], rows, "lrrrll"))
+                      "SAM pass held after step", "SAM buffers (bytes / param)"], rows, "lrrrllr"))
     out += ["", "fp32 parameters; counted after the timed steps (so the shear force of Lazy/AGA is present). "
-            "The SAM weight copy exists only between `begin_sam_pass` and `end_sam_pass`.", "",
+            "No recorded second pass outlives its step; SAM members keep the sync step's weight-copy (and, with "
+            "Lazy/AGA, base-gradient) buffers for reuse (`keep_buffers=True`, the default; `False` frees them "
+            "after each sync step).", "",
             f"![memory]({plots.get('cost_memory', '')})", ""]
     return out
 

@@ -193,3 +193,30 @@ def test_adamw_track_takes_foreach_where_fused_does_not_apply(monkeypatch):
     assert not F.fused_adamw_applicable([p], [p.clone()], moments, moments, (0.9, 1.0 - 1e-9))
     assert not F.fused_adamw_applicable([p], [p.clone().mT], moments, moments, (0.9, 0.999))  # layout
     assert not F.fused_adamw_applicable([p], [p.double()], moments, moments, (0.9, 0.999))  # dtype
+
+
+def test_checkpoints_with_integer_step_counts_still_load():
+    """Checkpoints written before the step counts moved to the device (a Python int per tensor) load
+    into device tensors and resume the same trajectory."""
+    ours, ref, opt, _ = _adamw_pair()
+    for step in range(2):
+        _set_grads(ours, ref, step)
+        opt.step()
+    sd = opt.state_dict()
+    old = {**sd, "state": {k: {**v, "step": int(v["step"])} for k, v in sd["state"].items()}}
+    import copy
+
+    import hf_rmsuon
+
+    twins = []
+    for state in (sd, old):
+        fresh = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        o = hf_rmsuon.AdaRMSuon([{"params": fresh, "track": "adamw"}], lr=1e-2, weight_decay=0.1)
+        o.load_state_dict(copy.deepcopy(state))
+        assert all(o.state[p]["step"].dtype == torch.float32 and float(o.state[p]["step"]) == 2 for p in fresh)
+        for p, g in zip(fresh, [torch.ones_like(p) for p in fresh]):
+            p.grad = g
+        o.step()
+        twins.append(fresh)
+    for a, b in zip(*twins):
+        assert torch.equal(a, b)
