@@ -106,6 +106,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+#: torch functions that turn Python data into a tensor: a blocking host→device copy on an accelerator
+UPLOAD_FUNCTIONS = ("tensor", "as_tensor")
 
 
 class HostSyncCounter:
@@ -115,6 +117,8 @@ class HostSyncCounter:
         with HostSyncCounter() as c:
             opt.step()
         c.total, c.by_method, c.on_device   # on_device: calls on non-CPU tensors
+        c.uploads                           # torch.tensor/as_tensor of Python data, counted apart
+        c.calls                             # every counted call, in order
 
     Reads made inside C++ kernels are not seen (they are not host reads). On CUDA, ``cuda_sync_debug``
     also records torch's sync debug mode warnings (every synchronizing CUDA call).
@@ -122,6 +126,8 @@ class HostSyncCounter:
 
     def __init__(self, cuda_sync_debug: bool = False) -> None:
         self.by_method: Counter[str] = Counter()
+        self.uploads: Counter[str] = Counter()
+        self.calls: list[str] = []
         self.on_device = 0
         self.cuda_warnings = 0
         self._cuda = cuda_sync_debug and torch.cuda.is_available()
@@ -140,6 +146,7 @@ class HostSyncCounter:
         def wrapper(t: Tensor, *args: Any, **kwargs: Any) -> Any:
             if counter._depth == 0:  # count the outermost call only (e.g. __int__ → item)
                 counter.by_method[name] += 1
+                counter.calls.append(name)
                 if t.device.type != "cpu":
                     counter.on_device += 1
             counter._depth += 1
@@ -150,10 +157,25 @@ class HostSyncCounter:
 
         return wrapper
 
+    def _wrap_upload(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        counter = self
+
+        @functools.wraps(original)
+        def wrapper(data: Any, *args: Any, **kwargs: Any) -> Any:
+            if counter._depth == 0 and not isinstance(data, Tensor):
+                counter.uploads[name] += 1
+                counter.calls.append(name)
+            return original(data, *args, **kwargs)
+
+        return wrapper
+
     def __enter__(self) -> HostSyncCounter:
         for name in SYNC_METHODS:
             self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from TensorBase
             setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        self._saved_uploads = {name: getattr(torch, name) for name in UPLOAD_FUNCTIONS}
+        for name, original in self._saved_uploads.items():
+            setattr(torch, name, self._wrap_upload(name, original))
         if self._cuda:
             self._catch = warnings.catch_warnings(record=True)
             self._records = self._catch.__enter__()
@@ -168,6 +190,8 @@ class HostSyncCounter:
             else:
                 setattr(torch.Tensor, name, original)
         self._saved.clear()
+        for name, original in self._saved_uploads.items():
+            setattr(torch, name, original)
         if self._cuda:
             torch.cuda.set_sync_debug_mode(0)
             self.cuda_warnings = sum("synchroniz" in str(w.message) for w in self._records)

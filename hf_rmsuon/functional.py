@@ -522,11 +522,12 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
     distinct ``(lr, d)``). bf16/fp16 parameters are computed in float32 and written back once, so a
     small update or decay is not lost to rounding each intermediate result."""
     low = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
+    decays = {d: gated(keep, d, 1.0) for d in {decay_factors[i] for i in low} if d != 1.0}  # one per factor
     for i in low:
         p = params[i]
         exact = p.float()
         if decay_factors[i] != 1.0:
-            exact.mul_(gated(keep, decay_factors[i], 1.0))
+            exact.mul_(decays[decay_factors[i]])
         p.copy_(exact.sub_(updates[i].float(), alpha=lrs[i]))
     low_set = set(low)
     by_rate: dict[tuple[float, float], list[int]] = defaultdict(list)

@@ -9,39 +9,19 @@ import pytest
 import torch
 
 import hf_rmsuon
+from benchmarks.scale import HostSyncCounter
 from hf_rmsuon import functional as F
-
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-UPLOADS = ("tensor", "as_tensor")
 
 
 @contextlib.contextmanager
 def count_host_reads():
-    """Count host synchronisations: tensor → Python conversions, and Python data turned into tensors
-    (``torch.tensor([...])``/``as_tensor`` of numbers: a blocking host→device copy on an accelerator)."""
-    counter = {"n": 0, "calls": []}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    uploads = {name: getattr(torch, name) for name in UPLOADS}
-
-    def wrap(name, fn, check=lambda *a: True):
-        def counted(*args, **kwargs):
-            if check(*args):
-                counter["n"] += 1
-                counter["calls"].append(name)
-            return fn(*args, **kwargs)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    for name, fn in uploads.items():
-        setattr(torch, name, wrap(name, fn, lambda data, *a: not isinstance(data, torch.Tensor)))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
-        for name, fn in uploads.items():
-            setattr(torch, name, fn)
+    """Host synchronisations inside the block — tensor → Python reads and Python data turned into
+    tensors — counted by the benchmarks' :class:`~benchmarks.scale.HostSyncCounter`; ``n`` and ``calls``
+    are filled when the block ends."""
+    counted: dict = {}
+    with HostSyncCounter() as c:
+        yield counted
+    counted.update(n=c.total + sum(c.uploads.values()), calls=list(c.calls))
 
 
 def _model() -> torch.nn.Module:

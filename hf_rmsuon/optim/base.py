@@ -298,15 +298,15 @@ class FamilyOptimizer(torch.optim.Optimizer):
         warning, when :meth:`diagnostics` or :meth:`state_dict` reads them. ``"raise"`` reads the flag
         (one host synchronisation per step) and raises before anything is written; it returns
         ``None``: no gate."""
-        self.stats["steps"] += 1
         if self.defaults["on_nonfinite"] == "raise":
             if not bool(finite):
-                self.stats["steps"] -= 1
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient (inf/NaN); parameters and state were left "
                     "untouched. Pass on_nonfinite='skip' to skip such steps instead."
                 )
+            self.stats["steps"] += 1
             return None
+        self.stats["steps"] += 1
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.float32, device=finite.device)
         self._skipped.add_(finite.logical_not())
@@ -413,9 +413,9 @@ class FamilyOptimizer(torch.optim.Optimizer):
         exp_avgs, denoms, bias_corrections1 = advance_adam_moments(
             F.zero_unless(keep, self._in_state_dtype(params, grads)), states, adam_betas, adam_eps,
             self._state_dtype, params, keep)
+        if keep is not None:  # a skipped step divides the (finite) m/(√v̂+ε) by ∞: U = 0, no extra pass
+            bias_corrections1 = torch.where(keep, bias_corrections1, torch.inf)
         updates = F.whiten(exp_avgs, denoms, bias_corrections1)
-        if keep is not None:
-            torch._foreach_mul_(updates, keep)
         decay = [1.0 - lr * wd if s.decay else 1.0 for s in specs]
         F.decay_and_apply_(values, updates, [lr] * len(params), decay, keep)
 

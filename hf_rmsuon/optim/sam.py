@@ -487,7 +487,7 @@ class ARS(AdaRMSuon):
                 missing = [j for j, i in enumerate(idx) if id(params[i]) not in self._shear_norms]
                 if missing:  # s is fixed until the next sync: its norms are taken once
                     norms = F.frobenius_norms([shears[j] for j in missing], self._reduce())
-                    self._shear_norms.update((id(params[idx[j]]), n) for j, n in zip(missing, norms.unbind()))
+                    self._shear_norms.update((id(params[idx[j]]), norm) for j, norm in zip(missing, norms.unbind()))
                 shear_norms = torch.stack([self._shear_norms[id(params[i])] for i in idx])
                 # into the base-gradient buffers, idle between sync steps
                 into = [self._buffer(params[i], "base_grad" if g.dtype == F.local(params[i].grad).dtype else "injected", g)

@@ -304,7 +304,7 @@ class AdaptiveRMSRescale(Stage):
         F.ema_square_(sqs, batch.ortho, beta2, batch.keep)  # O = 0 on a skipped step
         denoms = torch._foreach_sqrt(sqs)
         torch._foreach_add_(denoms, eps)
-        adapted = list(torch._foreach_div(batch.ortho, denoms))
+        adapted = F.whiten(batch.ortho, denoms, overwrite_denominators=True)  # Û = O/(√V+ε), in their memory
         norms = F.frobenius_norms(adapted, batch.reduce)
         targets = F.constant_vector(tuple(0.2 * math.sqrt(math.prod(s.shape)) for s in batch.specs), norms.device,
                                     norms.dtype)
