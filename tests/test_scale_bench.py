@@ -21,8 +21,10 @@ def test_host_sync_counter_counts_known_reads_and_restores_torch():
         t.tolist()
         t.cpu()
         torch.ones(3).add_(1)  # not a read
+        torch.tensor([2.0])  # an upload, counted apart
+        torch.as_tensor(t)  # a tensor already: not an upload
     assert c.by_method == {"item": 1, "__bool__": 1, "__float__": 1, "__int__": 1, "tolist": 1, "cpu": 1}
-    assert c.total == 6 and c.on_device == 0
+    assert c.total == 6 and c.on_device == 0 and c.uploads == {"tensor": 1}
     assert c.as_dict()["total"] == 6
     assert {name: torch.Tensor.__dict__.get(name) for name in scale.SYNC_METHODS} == saved
     with scale.HostSyncCounter() as c:
@@ -39,7 +41,11 @@ def test_host_sync_counter_sees_a_family_step():
     opt.step()
     with scale.HostSyncCounter() as c:
         opt.step()
-    assert c.total >= 0  # reported as it is; the zero-sync target is a separate issue
+    assert c.total == 0 and not c.uploads  # a steady-state step never synchronises (issue 14)
+    strict = hf_rmsuon.create_optimizer("muon", [w], lr=1e-2, on_nonfinite="raise")
+    with scale.HostSyncCounter() as c:
+        strict.step()
+    assert c.by_method == {"__bool__": 1} and c.calls == ["__bool__"]  # the raise policy's one read
 
 
 def test_scale_smoke_tiny(tmp_path):
