@@ -62,7 +62,8 @@ def test_scale_smoke_tiny(tmp_path):
         assert rows[name]["host_syncs"], name
     summary = result["summary"]
     assert summary["optimizer_step"]["muon"]["limit_fraction"] > 0
-    assert summary["adamw_track"]["ours_vs_fused"] > 0
+    assert summary["adamw_track"]["ours_vs_fused"] > 0 and summary["adamw_track"]["hinted_vs_fused"] > 0
     assert summary["training_step"]["lazy_vs_ada_rmsuon"] is not None
     text = "\n".join(scale.section(data))
     assert "## Scale" in text and "Not run — no GPU was available" in text
+    assert "the gate comes from the gradient norm the Trainer takes" in text

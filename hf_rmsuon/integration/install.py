@@ -4,7 +4,8 @@
 ``HfArgumentParser`` accept them, and transformers' optimizer dispatch builds them).
 ``install()`` additionally hooks
 
-* ``Trainer.training_step`` (the SAM pass) and ``Trainer.log`` (optimizer diagnostics);
+* ``Trainer.training_step`` (the SAM pass), ``Trainer.log`` (optimizer diagnostics) and
+  ``Trainer._get_grad_norm`` (its gradient norm doubles as the optimizer's finiteness check);
 * ``TrainingArguments.__post_init__`` (typed ``--optim_args`` are checked when the arguments are
   parsed, before any model or data is loaded; an unknown ``optim`` gets "did you mean");
 * ``HfArgumentParser.error`` (an invalid ``--optim`` choice gets "did you mean").
@@ -24,7 +25,7 @@ from transformers.training_args import OptimizerNames
 from ..registry import available_optimizers, parse_optim_args
 from ..transformers_names import optimizer_name_member, register_optimizer_names, suggest
 from .factory import optimizer_cls_and_kwargs
-from .sam_step import log_with_diagnostics, sam_training_step
+from .sam_step import grad_norm_with_hint, log_with_diagnostics, sam_training_step
 
 __all__ = ["install", "is_installed", "optimizer_name_member", "original", "register_optimizer_names"]
 
@@ -80,6 +81,11 @@ def install() -> None:
             return log_with_diagnostics(self, logs, start_time, functools.partial(base, self))
         return log
 
+    def grad_norm_wrapper(base):
+        def _get_grad_norm(self, model, grad_norm=None):
+            return grad_norm_with_hint(self, model, grad_norm, functools.partial(base, self))
+        return _get_grad_norm
+
     def post_init_wrapper(base):
         def __post_init__(self):
             try:
@@ -102,6 +108,8 @@ def install() -> None:
 
     _patch(Trainer, "training_step", training_step_wrapper)
     _patch(Trainer, "log", log_wrapper)
+    if hasattr(Trainer, "_get_grad_norm"):  # transformers' per-step gradient-norm pass (clip and log)
+        _patch(Trainer, "_get_grad_norm", grad_norm_wrapper)
     _patch(TrainingArguments, "__post_init__", post_init_wrapper)
     _patch(HfArgumentParser, "error", error_wrapper)
 

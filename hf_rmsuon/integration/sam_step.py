@@ -192,6 +192,18 @@ def optimizer_diagnostics(trainer: Any) -> dict[str, float]:
     return {f"optim/{k}": v for k, v in optimizer.diagnostics().items()}
 
 
+def grad_norm_with_hint(trainer: Any, model: nn.Module, grad_norm: Any, base_grad_norm: Callable[..., Any]) -> Any:
+    """``Trainer._get_grad_norm`` — the pass over every gradient that clips and/or logs ``‖g‖`` before
+    each optimizer step — handing the norm to a family optimizer, whose step then takes its finiteness
+    gate from it instead of another pass (``FamilyOptimizer.accept_gradient_norm``; it checks that the
+    norm covers exactly its gradients, unmodified, and ignores it otherwise)."""
+    norm = base_grad_norm(model, grad_norm=grad_norm)
+    accept = getattr(unwrap_optimizer(getattr(trainer, "optimizer", None)), "accept_gradient_norm", None)
+    if accept is not None:
+        accept(norm, model.parameters())
+    return norm
+
+
 _LOG_ACTIVE = "_hf_rmsuon_log_active"
 
 

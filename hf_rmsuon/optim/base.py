@@ -130,6 +130,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0}
         self._skipped: Tensor | None = None
         self._warned_nonfinite = False
+        self._norm_hint: GradientNormHint | None = None  # set by accept_gradient_norm, for one step
         #: the last step's diagnostics: tensors or floats, or callables evaluated when read
         self._last: dict[str, Tensor | float | Callable[[], Tensor | float]] = {}
         super().__init__(_as_groups(params), defaults)
@@ -237,8 +238,26 @@ class FamilyOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._guarded_update()
+        try:
+            self._guarded_update()
+        finally:
+            self._norm_hint = None
         return loss
+
+    def accept_gradient_norm(self, total_norm: Tensor, parameters: Iterable[Tensor]) -> bool:
+        """A hint for the next :meth:`step`: ``total_norm`` is the L2 norm of the gradients of
+        ``parameters``, just computed by the caller. A training loop that clips gradients (or logs
+        their norm, as ``transformers.Trainer`` does every step) has already made this pass over every
+        gradient; when the hint covers exactly the gradients the step will use — the same tensors, not
+        modified since (their version counters) — the step's finiteness gate is ``isfinite(total_norm)``
+        instead of a second pass. Anything else (other or modified gradients, a non-tensor or non-scalar
+        norm, FSDP2-sharded optimizers) is ignored and the step computes its own gate. Returns whether
+        the hint was recorded; it is valid for the next step only.
+
+        Clipping scales the gradients by ``min(1, c/‖g‖)`` after taking ``‖g‖``: finite ``‖g‖`` keeps
+        them finite, and a non-finite one skips the step either way."""
+        self._norm_hint = GradientNormHint.record(total_norm, parameters) if self.sharding is None else None
+        return self._norm_hint is not None
 
     def _guarded_update(self) -> None:
         """Apply one update, gated on every gradient being finite (see :meth:`_step_gate`)."""
@@ -267,7 +286,11 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
     def _finite_flag(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> Tensor:
         """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read);
-        under FSDP2 over every shard, so all ranks take the same decision."""
+        under FSDP2 over every shard, so all ranks take the same decision. Taken from the gradient-norm
+        hint when one covers exactly these gradients (:meth:`accept_gradient_norm`)."""
+        hint, self._norm_hint = self._norm_hint, None
+        if hint is not None and hint.covers(g for _, _, grads in gathered for g in grads):
+            return torch.isfinite(hint.total_norm)
         flag = self._local_finite_flag(gathered)
         if self.sharding is not None:
             flag = self.sharding.all_true(flag)
@@ -497,6 +520,39 @@ class FamilyOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, family: dict[str, Any]) -> None:
         pass
+
+
+class GradientNormHint:
+    """``‖g‖`` of a set of gradients, with each gradient's identity and version counter at the time:
+    an in-place change since (or other tensors) makes it not apply."""
+
+    __slots__ = ("total_norm", "versions")
+
+    def __init__(self, total_norm: Tensor, versions: dict[int, int]) -> None:
+        self.total_norm = total_norm
+        self.versions = versions
+
+    @classmethod
+    def record(cls, total_norm: Any, parameters: Iterable[Tensor]) -> GradientNormHint | None:
+        # float16 norms overflow at 65504 for finite gradients; DTensor norms may be partial (per rank)
+        if (not isinstance(total_norm, Tensor) or total_norm.numel() != 1 or F.local(total_norm) is not total_norm
+                or total_norm.dtype not in (torch.float32, torch.float64, torch.bfloat16)):
+            return None
+        versions = {}
+        for p in parameters:
+            if p.grad is not None:
+                g = F.local(p.grad)
+                versions[id(g)] = g._version
+        return cls(total_norm.detach().reshape(()), versions)
+
+    def covers(self, grads: Iterable[Tensor]) -> bool:
+        """Whether the recorded gradients are exactly ``grads``, unchanged."""
+        seen = 0
+        for g in grads:
+            if self.versions.get(id(g)) != g._version:
+                return False
+            seen += 1
+        return seen == len(self.versions)
 
 
 def _update_rms(energies: Tensor, step_sizes: list[float], numel: int) -> Tensor:

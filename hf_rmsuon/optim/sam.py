@@ -348,6 +348,7 @@ class ARS(AdaRMSuon):
         finally:
             self._plan = None
             self._pass = None
+            self._norm_hint = None
         return loss
 
     def _closure_second_pass(self, closure: Callable[[], Any], loss: Any, rng: RNGState | None) -> None:
