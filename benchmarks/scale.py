@@ -618,7 +618,8 @@ def bench_optimizer_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str)
         if passes:
             row["sam_pass_bookkeeping"] = _stats(passes)
         rows[name] = row
-    return {"rows": rows, "skipped": skipped, "n_params": sum(p.numel() for p in params),
+    return {"rows": rows, "rounds": cfg.opt_rounds, "warmup": cfg.opt_warmup, "skipped": skipped,
+            "n_params": sum(p.numel() for p in params),
             "matmul_in_rounds": {"shape": list(mm), "dtype": str(compute).replace("torch.", ""), "reps": reps,
                                  "gflops": limit, "median_gflops": statistics.median(limit)},
             "matrix_params": sum(p.numel() for p in matrix), "adamw_params": sum(p.numel() for p in rest),
@@ -697,7 +698,8 @@ def bench_training_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str) 
         for kind in sorted({s["kind"] for s in ss}):
             row[f"wall_{kind}"] = _stats([s["wall"] for s in ss if s["kind"] == kind])
         rows[name] = row
-    return {"rows": rows, "batch": cfg.batch, "context": cfg.context, "tokens": "random"}
+    return {"rows": rows, "batch": cfg.batch, "context": cfg.context, "tokens": "random",
+            "rounds": cfg.train_rounds, "warmup": cfg.train_warmup}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -801,7 +803,7 @@ def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path:
     if set(parts) != set(PARTS) and json_path.is_file():
         result = common.read_json(json_path)
         compute = getattr(torch, result["ns_compute_dtype"])
-        added = {"parts": list(parts), "environment": common.environment()}
+        added = {"parts": list(parts), "setting": setting, "config": asdict(cfg), "environment": common.environment()}
         if "ns_shapes" in parts:
             result["ns_shapes"] = bench_ns_shapes(cfg, device, compute)
         for part, fn in (("optimizer_step", bench_optimizer_step), ("training_step", bench_training_step)):
@@ -874,9 +876,13 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
            f"{data['shapes']['num_attention_heads']}×{data['shapes']['head_dim']} query heads, "
            f"{data['shapes']['num_key_value_heads']} KV heads, vocab {data['shapes']['vocab_size']:,}, tied; "
            f"**{layers} layer{'s' if layers > 1 else ''}** ({opt['n_params'] / 1e6:.0f} M parameters, "
-           f"{opt['matrix_params'] / 1e6:.1f} M on the matrix track). {cfg['opt_rounds']} timed rounds after "
-           f"{cfg['opt_warmup']} warm-up, interleaved; medians (and the median of per-round ratios, "
-           "\"paired\"). Shared 2-core machine: ratios, not absolute times, are the result.", "",
+           f"{opt['matrix_params'] / 1e6:.1f} M on the matrix track). {opt.get('rounds', cfg['opt_rounds'])} timed rounds after "
+           f"{opt.get('warmup', cfg['opt_warmup'])} warm-up, interleaved; medians (and the median of per-round ratios, "
+           "\"paired\"). Shared 2-core machine: ratios, not absolute times, are the result."
+           + "".join(f" Re-measured in a later process: {', '.join(a['parts'])} (`--setting {a.get('setting', '?')} "
+                     f"--parts {','.join(a['parts'])}`, {a['environment']['date']}, git "
+                     f"{a['environment']['hf_rmsuon_git']}{' + uncommitted changes' if a['environment']['hf_rmsuon_dirty'] else ''})."
+                     for a in data.get("added_parts", [])), "",
            f"Matmul throughput in this process ({data['matmul']['dtype']}, "
            f"{'×'.join(map(str, data['matmul']['shape']))}): **{_limit_gflops(data):.1f} GFLOP/s**"
            + (" (median over the rounds, timed as one more contender; before the rounds: "
@@ -952,7 +958,8 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
     t = s["training_step"]
     trs = data["training_step"]
     out += [f"**Training step** (forward + backward + `step(closure)`, batch {trs['batch']}×{trs['context']} "
-            f"random tokens, {cfg['train_rounds']} timed steps each after {cfg['train_warmup']}): ada_rmsuon "
+            f"random tokens, {trs.get('rounds', cfg['train_rounds'])} timed steps each after "
+            f"{trs.get('warmup', cfg['train_warmup'])}): ada_rmsuon "
             f"{_f(t['ada_rmsuon_vs_adamw'])}× torch AdamW; ars2_neo lazy step {_f(t['lazy_vs_ada_rmsuon'])}× "
             f"ada_rmsuon (paired {_f(t['paired_lazy_vs_ada_rmsuon'])}); ars2_neo k=1 "
             f"{_f(t['k1_vs_ada_rmsuon'])}× (paired {_f(t['paired_k1_vs_ada_rmsuon'])}).", ""]
