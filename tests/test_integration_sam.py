@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from hf_rmsuon import RMSuonTrainer
 from hf_rmsuon.integration import sam_step
 from hf_rmsuon.integration.sam_step import unwrap_optimizer
+from hf_rmsuon.optim.base import FamilyOptimizer
 
 RHO = 0.05
 BETA2 = 0.999
@@ -209,7 +210,13 @@ def _ddp_worker(out_dir: str, ga: int) -> None:
                          args=sam_args(out_dir, ga, per_device_train_batch_size=per_device, max_steps=2),
                          train_dataset=data)
     assert trainer.args.world_size == world
-    trainer.train()
+    own_gates = []  # finiteness passes of the optimizer's own (the Trainer's ‖g‖ should stand in for them)
+    inner = FamilyOptimizer._local_finite_flag
+    FamilyOptimizer._local_finite_flag = staticmethod(lambda gathered: own_gates.append(1) or inner(gathered))
+    try:
+        trainer.train()
+    finally:
+        FamilyOptimizer._local_finite_flag = staticmethod(inner)
     rank = trainer.args.process_index
     flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -217,7 +224,7 @@ def _ddp_worker(out_dir: str, ga: int) -> None:
     torch.save({
         "sam": trainer.sam_records, "step": trainer.step_records, "seen": trainer.seen,
         "identical_params": all(torch.equal(gathered[0], x) for x in gathered),
-        "num_processes": trainer.accelerator.num_processes,
+        "num_processes": trainer.accelerator.num_processes, "own_gate_passes": len(own_gates),
     }, Path(out_dir) / f"rank{rank}.pt")
     AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -232,6 +239,7 @@ def _assert_exact_sam_ddp(tmp_path, monkeypatch, ga: int) -> None:
     for r in ranks:
         assert r["num_processes"] == 2
         assert r["identical_params"], "DDP ranks ended with different parameters"
+        assert r["own_gate_passes"] == 0, "the Trainer's gradient norm was not used as the finiteness gate"
     # each rank saw different data; together, every step, exactly the whole data set
     for step in range(2):
         rows = [torch.cat([mb["input_ids"] for mb in r["seen"][step * ga:(step + 1) * ga]]) for r in ranks]
