@@ -133,8 +133,9 @@ def test_a_hint_lasts_one_step(own_gate_calls):
         opt.diagnostics()
 
 
-@pytest.mark.parametrize("norm", [float("inf"), torch.tensor([1.0, 2.0]), torch.tensor(7e4, dtype=torch.float16)],
-                         ids=["python-float", "not-a-scalar", "float16"])
+@pytest.mark.parametrize("norm", [float("inf"), torch.tensor([1.0, 2.0]), torch.tensor(7e4, dtype=torch.float16),
+                                  torch.tensor(1.0, device="meta")],
+                         ids=["python-float", "not-a-scalar", "float16", "other-device"])
 def test_unusable_norms_are_not_recorded(norm):
     """A float16 norm overflows at 65504 for finite gradients: it would skip good steps."""
     model = _model()

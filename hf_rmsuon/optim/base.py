@@ -250,8 +250,9 @@ class FamilyOptimizer(torch.optim.Optimizer):
         their norm, as ``transformers.Trainer`` does every step) has already made this pass over every
         gradient; when the hint covers exactly the gradients the step will use — the same tensors, not
         modified since (their version counters) — the step's finiteness gate is ``isfinite(total_norm)``
-        instead of a second pass. Anything else (other or modified gradients, a non-tensor or non-scalar
-        norm, FSDP2-sharded optimizers) is ignored and the step computes its own gate. Returns whether
+        instead of a second pass. Anything else (other or modified gradients, a non-tensor, non-scalar,
+        float16 or other-device norm, FSDP2-sharded optimizers) is ignored and the step computes its own
+        gate. Returns whether
         the hint was recorded; it is valid for the next step only.
 
         Clipping scales the gradients by ``min(1, c/‖g‖)`` after taking ``‖g‖``: finite ``‖g‖`` keeps
@@ -542,6 +543,8 @@ class GradientNormHint:
         for p in parameters:
             if p.grad is not None:
                 g = F.local(p.grad)
+                if g.device != total_norm.device:  # the gate must live with the gradients (no copies)
+                    return None
                 versions[id(g)] = g._version
         return cls(total_norm.detach().reshape(()), versions)
 
