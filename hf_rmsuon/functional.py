@@ -315,11 +315,6 @@ def ema_square_(buffers: list[Tensor], values: list[Tensor], beta: float, keep: 
         torch._foreach_addcmul_(buffers, values, values, value=1.0 - beta)
 
 
-def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
-    """``(1−β1^t, 1−β2^t)`` for 1-based ``t``."""
-    return 1.0 - beta1**step, 1.0 - beta2**step
-
-
 def advance_steps_(steps: list[Tensor], keep: Tensor | None) -> None:
     """In place: ``t ← t + 1`` per step-count tensor, or ``t + keep`` under a step gate (no host read;
     the list form of the add, as torch's own found_inf handling, runs everywhere, ``meta`` included)."""
@@ -339,25 +334,23 @@ def bias_correction(steps: Tensor, beta: float) -> Tensor:
     return torch.expm1(steps.clamp(min=1.0) * math.log(beta)).neg_()
 
 
-def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor | list[float],
+def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor,
                      eps: float | list[Tensor], out: list[Tensor | None] | None = None) -> list[Tensor]:
-    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor: floats, or a vector on the
-    device; ``eps`` one number or one 0-d tensor per tensor); written into ``out`` where given."""
+    """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor, a vector on the device:
+    :func:`bias_correction`; ``eps`` one number or one 0-d tensor per tensor); written into ``out``
+    where given."""
     if not exp_avg_sqs:
         return []
     if out is None:
         denoms = torch._foreach_sqrt(exp_avg_sqs)
     else:
         denoms = [torch.sqrt(v, out=o) if o is not None else v.sqrt() for v, o in zip(exp_avg_sqs, out)]
-    if isinstance(bias_corrections2, Tensor):
-        torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
-    else:
-        torch._foreach_div_(denoms, [math.sqrt(bc) for bc in bias_corrections2])
+    torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
     torch._foreach_add_(denoms, eps)
     return list(denoms)
 
 
-def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | list[float] | None = None,
+def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | None = None,
            overwrite_denominators: bool = False) -> list[Tensor]:
     """Adam's direction ``m̂/(√v̂+ε)`` — the pre-whitened (diagonal natural) gradient; without
     ``bias_corrections1``, ``m/(√v̂+ε)`` (its direction, for scale-invariant uses). With
@@ -368,10 +361,8 @@ def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tens
         whitened = [torch.div(m, d, out=d) for m, d in zip(exp_avgs, denoms)]
     else:
         whitened = torch._foreach_div(exp_avgs, denoms)
-    if isinstance(bias_corrections1, Tensor):
+    if bias_corrections1 is not None:
         torch._foreach_div_(whitened, list(bias_corrections1.unbind()))
-    elif bias_corrections1 is not None:
-        torch._foreach_div_(whitened, bias_corrections1)
     return list(whitened)
 
 

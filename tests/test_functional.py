@@ -176,11 +176,12 @@ def test_moments_whitening_and_energy(ref):
     v_ref = 0.99 * 0.01 * g1**2 + 0.01 * g2**2
     torch.testing.assert_close(m, m_ref)
     torch.testing.assert_close(v, v_ref)
-    bc1, bc2 = F.bias_corrections(2, 0.9, 0.99)
-    assert (bc1, bc2) == pytest.approx((1 - 0.81, 1 - 0.9801))
-    denom = F.rms_denominators([v], [bc2], 1e-8)[0]
+    step = torch.tensor([2.0], dtype=torch.float64)
+    bc1, bc2 = F.bias_correction(step, 0.9), F.bias_correction(step, 0.99)
+    assert (float(bc1), float(bc2)) == pytest.approx((1 - 0.81, 1 - 0.9801))
+    denom = F.rms_denominators([v], bc2, 1e-8)[0]
     torch.testing.assert_close(denom, (v_ref / (1 - 0.99**2)).sqrt() + 1e-8)
-    white = F.whiten([m], [denom], [bc1])[0]
+    white = F.whiten([m], [denom], bc1)[0]
     torch.testing.assert_close(white, (m_ref / (1 - 0.9**2)) / denom)
     o = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     e = F.frobenius_norms([white])[0]

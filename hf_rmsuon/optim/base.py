@@ -252,8 +252,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         modified since (their version counters) — the step's finiteness gate is ``isfinite(total_norm)``
         instead of a second pass. Anything else (other or modified gradients, a non-tensor, non-scalar,
         float16 or other-device norm, FSDP2-sharded optimizers) is ignored and the step computes its own
-        gate. Returns whether
-        the hint was recorded; it is valid for the next step only.
+        gate. Returns whether the hint was recorded; it is valid for the next step only.
 
         Clipping scales the gradients by ``min(1, c/‖g‖)`` after taking ``‖g‖``: finite ``‖g‖`` keeps
         them finite, and a non-finite one skips the step either way."""
