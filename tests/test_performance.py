@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hf_rmsuon
 from benchmarks.scale import HostSyncCounter
@@ -152,6 +153,34 @@ def test_state_holds_only_what_the_algorithm_needs():
     _set_grads(model, 0)
     opt.step(lambda: _set_grads(model, 1))
     assert opt._pass is None  # the weight copy and base gradients are released after the step
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("device", "shape", "most_ops"),
+                         [("meta", (1024, 3072), 3), ("meta", (151_936, 1024), 21), ("cpu", (1024, 3072), None)],
+                         ids=["gpu-matrix", "gpu-embedding", "cpu-matrix"])
+def test_dot_products_block_rows_in_cache_sized_blocks_only_on_a_cpu(device, shape, most_ops):
+    """Per-tensor ⟨a, b⟩ (F-AdaRMSuon's decay, SAM's shear force): cache-sized blocks of rows on a CPU;
+    on any other device, where each block costs two kernel launches, blocks only bound the temporary —
+    a 1024×3072 matrix takes three kernels (row products, row sums, their total), a Qwen3 embedding ten
+    blocks. The meta device stands in for a GPU: same dispatch, no values."""
+    a, b = (torch.ones(shape, device=device) for _ in range(2))
+    with _CountOps() as counted:
+        result = F.dots([a], [b])
+    products = counted.ops.count("mul") + counted.ops.count("sum")
+    if most_ops is None:
+        assert products > 10 and float(result[0]) == shape[0] * shape[1]  # blocked, and still exact
+    else:
+        assert products <= most_ops, counted.ops
 
 
 def test_same_shape_matrices_share_one_newton_schulz_call(monkeypatch):
