@@ -233,3 +233,16 @@ def test_installed_plain_trainer_passes_its_gradient_norm(tmp_path, own_gate_cal
     install()
     opt, _ = _train(Trainer, tmp_path, "ada_rmsuon")
     assert own_gate_calls == [] and opt.stats["steps"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_on_cuda_in_bf16_takes_the_gate_from_its_gradient_norm(tmp_path, own_gate_calls):
+    """The same on a GPU under bf16 autocast: the Trainer's norm lives on the gradients' device."""
+    opt, weights = _train(RMSuonTrainer, tmp_path, "ars2_neo", "k=2", nan_at=5, use_cpu=False, bf16=True)
+    assert own_gate_calls == []
+    assert opt.stats["steps"] == 4 and weights[0].device.type == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert opt.diagnostics()["nonfinite_steps"] == 1.0
+    assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[2], weights[3])
