@@ -95,6 +95,10 @@ GRAM_FLOP_MARGIN = 0.9
 #: singular values far outside the band on low-rank inputs (measured: up to ~100 instead of ≤ 1.2); in fp32
 #: it matches the standard iteration within float32 rounding on the band.
 GRAM_DTYPES = (torch.float32, torch.float64)
+#: Off a CPU the Gram iteration also needs a short side of at least this: its extra m×m products are
+#: launch- and occupancy-bound when small (measured on an H200 in fp32: 512×1024 1.22× the standard
+#: iteration's time, 1024×2048 0.90×, 1024×3072 0.73×; BENCHMARKS.md, "Scale on a GPU").
+GRAM_MIN_SIDE_ACCELERATOR = 1024
 
 
 def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard") -> int:
@@ -112,25 +116,31 @@ def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard") -> 
     raise ValueError(f"method must be 'standard' or 'gram', got {method!r}")
 
 
-def ns_method(rows: int, cols: int, steps: int, dtype: torch.dtype) -> str:
+def ns_method(rows: int, cols: int, steps: int, dtype: torch.dtype, device_type: str = "cpu") -> str:
     """The iteration ``newton_schulz`` runs for one shape: "gram" where it needs clearly fewer FLOPs
-    (``< GRAM_FLOP_MARGIN`` of the standard count; with 5 steps that is ``max/min > 1.79``) and the
-    compute dtype is float32/float64, else "standard" (square and near-square matrices, bf16)."""
+    (``< GRAM_FLOP_MARGIN`` of the standard count; with 5 steps that is ``max/min > 1.79``), the
+    compute dtype is float32/float64 and, off a CPU, the short side is at least
+    ``GRAM_MIN_SIDE_ACCELERATOR``; else "standard" (square and near-square matrices, bf16, small ones
+    on a GPU)."""
     if dtype not in GRAM_DTYPES:
+        return "standard"
+    if device_type != "cpu" and min(rows, cols) < GRAM_MIN_SIDE_ACCELERATOR:
         return "standard"
     gram = ns_flops(rows, cols, steps, "gram")
     return "gram" if gram < GRAM_FLOP_MARGIN * ns_flops(rows, cols, steps, "standard") else "standard"
 
 
 def _ns_prepare(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, bool, torch.Size]:
-    """``x`` in ``dtype``, short side first, as a ``(batch, m, n)`` stack divided by its Frobenius norm."""
+    """``x`` in ``dtype``, short side first, as a contiguous ``(batch, m, n)`` stack divided by its
+    Frobenius norm (a new tensor: the iterations may write into it)."""
     y = x.to(dtype)
     transposed = y.size(-2) > y.size(-1)
     if transposed:
         y = y.mT
     batch_shape = y.shape[:-2]
     y = y.reshape(-1, *y.shape[-2:])
-    return y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS), transposed, batch_shape
+    y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS)).contiguous()
+    return y, transposed, batch_shape
 
 
 def _ns_finish(y: Tensor, transposed: bool, batch_shape: torch.Size, out_dtype: torch.dtype) -> Tensor:
@@ -146,16 +156,23 @@ def newton_schulz_standard(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
-    """Muon's quintic iteration on ``X`` itself: repeat ``A = X Xᵀ; B = b·A + c·A²; X = a·X + B X``."""
+    """Muon's quintic iteration on ``X`` itself: repeat ``A = X Xᵀ; B = b·A + c·A²; X = a·X + B X``.
+
+    Every product writes into buffers allocated once per call (``X`` alternates between two): measured
+    0.82–0.90× the time of fresh outputs per product in bf16 on an H200 at the Qwen3-0.6B shapes, the
+    same time in fp32 there and on a CPU (BENCHMARKS.md, "Scale on a GPU")."""
     if steps < 1:
         raise ValueError(f"ns_steps must be >= 1, got {steps}")
     a, b, c = coefficients
     y, transposed, batch_shape = _ns_prepare(x, dtype)
+    batch, m, _ = y.shape
+    gram, poly, spare = y.new_empty(batch, m, m), y.new_empty(batch, m, m), torch.empty_like(y)
     for _ in range(steps):
-        gram = y @ y.mT
+        torch.bmm(y, y.mT, out=gram)
         # fused multiply-adds round once, like torch.optim.Muon's addmm
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        y = torch.baddbmm(y, poly, y, beta=a)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        torch.baddbmm(y, poly, y, beta=a, out=spare)
+        y, spare = spare, y
     return _ns_finish(y, transposed, batch_shape, x.dtype)
 
 
@@ -200,10 +217,11 @@ def newton_schulz(
     exactly 1 — the coefficients trade exactness for speed, as in Muon. A zero input stays zero.
     The result is returned in ``x.dtype``; leading dims are a batch.
 
-    The iteration is chosen per shape (:func:`ns_method`): the Gram form (:func:`newton_schulz_gram`)
-    for clearly rectangular matrices in float32/float64, the standard one otherwise.
+    The iteration is chosen per shape and device (:func:`ns_method`): the Gram form
+    (:func:`newton_schulz_gram`) for clearly rectangular matrices in float32/float64 (off a CPU, large
+    ones only), the standard one otherwise.
     """
-    if ns_method(x.size(-2), x.size(-1), steps, dtype) == "gram":
+    if ns_method(x.size(-2), x.size(-1), steps, dtype, x.device.type) == "gram":
         return newton_schulz_gram(x, steps, coefficients, dtype)
     return newton_schulz_standard(x, steps, coefficients, dtype)
 

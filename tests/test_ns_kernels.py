@@ -69,6 +69,10 @@ def test_auto_choice_by_flops_and_dtype():
     for shape in [(1024, 3072), (3072, 1024), (1024, 2048), (512, 1024)]:
         assert F.ns_method(*shape, 5, torch.float32) == "gram"
         assert F.ns_method(*shape, 5, torch.bfloat16) == "standard"  # bf16: the Gram form is not used
+    # off a CPU, small matrices keep the standard iteration (measured slower in the Gram form on a GPU)
+    assert F.ns_method(512, 1024, 5, torch.float32, "cuda") == "standard"
+    assert F.ns_method(1024, 3072, 5, torch.float32, "cuda") == "gram"
+    assert F.ns_method(3072, 1024, 5, torch.float32, "cuda") == "gram"
     # the FLOP model: standard 5·(2m²n + m³), Gram 2m²n + 17m³ (multiply-adds, ×2 for FLOPs)
     assert F.ns_flops(1024, 3072, 5, "standard") == 2 * 5 * (2 * 1024**2 * 3072 + 1024**3)
     assert F.ns_flops(1024, 3072, 5, "gram") == 2 * (2 * 1024**2 * 3072 + 17 * 1024**3)
@@ -220,3 +224,27 @@ def test_checkpoints_with_integer_step_counts_still_load():
         twins.append(fresh)
     for a, b in zip(*twins):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (16, 48), (48, 16), (3, 16, 40)])
+@pytest.mark.parametrize("kernel", [F.newton_schulz_standard, F.newton_schulz_gram])
+def test_iterations_leave_their_input_alone(kernel, shape):
+    """The iterations write into buffers of their own: an fp32 input (which ``x.to(float32)`` does not
+    copy) is left as it was, and two calls give the same result."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    first = kernel(x, 5, F.NS_COEFFICIENTS, torch.float32)
+    assert torch.equal(x, before)
+    assert torch.equal(kernel(x, 5, F.NS_COEFFICIENTS, torch.float32), first)
+
+
+@pytest.mark.parametrize(("device", "shape", "expected"),
+                         [("cpu", (512, 1024), "gram"), ("meta", (512, 1024), "standard"),
+                          ("meta", (1024, 3072), "gram")])
+def test_newton_schulz_picks_the_iteration_for_the_tensors_device(monkeypatch, device, shape, expected):
+    """``newton_schulz`` asks :func:`F.ns_method` with the tensor's device (meta stands in for a GPU)."""
+    called = []
+    for name in ("newton_schulz_standard", "newton_schulz_gram"):
+        monkeypatch.setattr(F, name, lambda x, *a, name=name: called.append(name) or x)
+    F.newton_schulz(torch.empty(shape, device=device), 5, F.NS_COEFFICIENTS, torch.float32)
+    assert called == [f"newton_schulz_{expected}"]
