@@ -352,20 +352,32 @@ def bias_correction(steps: Tensor, beta: float) -> Tensor:
     return torch.expm1(steps.clamp(min=1.0) * math.log(beta)).neg_()
 
 
-def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor,
-                     eps: float | list[Tensor], out: list[Tensor | None] | None = None) -> list[Tensor]:
+def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor, eps: float) -> list[Tensor]:
     """``√v̂ + ε`` with ``v̂ = v/(1−β2^t)`` (one bias correction per tensor, a vector on the device:
-    :func:`bias_correction`; ``eps`` one number or one 0-d tensor per tensor); written into ``out``
-    where given."""
+    :func:`bias_correction`)."""
     if not exp_avg_sqs:
         return []
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
+    torch._foreach_add_(denoms, eps)
+    return list(denoms)
+
+
+def folded_rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor, eps: float | Tensor,
+                            out: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
+    """``(√v + ε·√(1−β2^t), √(1−β2^t))`` per tensor: ``g/(√v̂+ε) = factor·g/denominator`` exactly (the
+    bias correction moved onto ε), one full pass fewer than :func:`rms_denominators`, for uses that
+    carry a per-tensor factor anyway (SAM's perturbation). ``eps``: one number or a vector on the
+    device, one per tensor; written into ``out`` where given."""
+    factors = bias_corrections2.sqrt()
+    if not exp_avg_sqs:
+        return [], factors
     if out is None:
         denoms = torch._foreach_sqrt(exp_avg_sqs)
     else:
         denoms = [torch.sqrt(v, out=o) if o is not None else v.sqrt() for v, o in zip(exp_avg_sqs, out)]
-    torch._foreach_div_(denoms, list(bias_corrections2.sqrt().unbind()))
-    torch._foreach_add_(denoms, eps)
-    return list(denoms)
+    torch._foreach_add_(denoms, list((factors * eps).unbind()))
+    return list(denoms), factors
 
 
 def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | None = None,
@@ -569,14 +581,17 @@ def sam_perturbation_(
     adaptive: bool,
     perturb_norm: str,
     reduce: Reduce | None = None,
+    denom_factors: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``, as ``(N, c)`` with ``e_i = c_i·N_i`` — ``N`` computed **in place**
+    times ``|p|`` when ``adaptive``, as ``(Ñ, c)`` with ``e_i = c_i·Ñ_i`` — ``Ñ`` computed **in place**
     in ``grads``, and the given denominators reused as scratch for ``|p|`` (embeddings are most of an
     LLM's parameters; a fresh full-size temporary costs more than an in-place pass); the scaling is
-    left to :func:`apply_perturbation_`, which folds it into ``w ← w + e``. ``ρ`` is per tensor (its
-    param group's; floats, or a vector on the device when ASI adapts it); ``‖N‖`` is taken over all
-    the given tensors ("global") or is each tensor's own ("per_tensor")."""
+    left to :func:`apply_perturbation_`, which folds it into ``w ← w + e``. ``denom_factors``: per
+    tensor ``f_i`` with ``√v̂+ε = denom_i/f_i`` (:func:`folded_rms_denominators`; 1 where ``None``), so
+    ``N_i = f_i·Ñ_i`` and the factor goes into ``c_i`` and ``‖N‖`` instead of a pass over the tensor.
+    ``ρ`` is per tensor (its param group's; floats, or a vector on the device when ASI adapts it);
+    ``‖N‖`` is taken over all the given tensors ("global") or is each tensor's own ("per_tensor")."""
     if perturb_norm not in ("global", "per_tensor"):
         raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
     if not grads:
@@ -592,9 +607,13 @@ def sam_perturbation_(
                 n.mul_(torch.abs(p, out=d) if d.dtype == p.dtype else d.copy_(p).abs_())
     rho = rhos.to(grads[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
         tuple(rhos), grads[0].device, torch.float32)
+    norms = frobenius_norms(grads, reduce)  # ‖Ñ_i‖
+    if denom_factors is not None:
+        norms = norms * denom_factors  # ‖N_i‖
+        rho = rho * denom_factors
     if perturb_norm == "global":
-        return grads, rho / (global_norm(grads, reduce) + SHEAR_EPS)
-    return grads, rho / (frobenius_norms(grads, reduce) + SHEAR_EPS)
+        return grads, rho / (torch.linalg.vector_norm(norms) + SHEAR_EPS)
+    return grads, rho / (norms + SHEAR_EPS)
 
 
 def apply_perturbation_(params: list[Tensor], directions: list[Tensor], scales: Tensor) -> None:

@@ -199,17 +199,24 @@ def test_moments_whitening_and_energy(ref):
 @pytest.mark.parametrize("perturb_norm", ["global", "per_tensor"])
 @pytest.mark.parametrize("adaptive", [True, False])
 @pytest.mark.parametrize("first_step", [True, False])
-def test_sam_perturbation(ref, perturb_norm, adaptive, first_step):
+@pytest.mark.parametrize("folded", [False, True], ids=["denominators", "folded-denominators"])
+def test_sam_perturbation(ref, perturb_norm, adaptive, first_step, folded):
+    """``folded``: the denominators of :func:`F.folded_rms_denominators` (bias correction moved onto ε, a
+    different one per tensor) with their factors give the same perturbation as ``√v̂+ε`` itself."""
     gen = _gen(10)
     shapes = [(6, 4), (4,), (3, 5)]
     grads = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
     params = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
     v_hats = [None] * 3 if first_step else [torch.rand(*s, generator=gen, dtype=torch.float64) for s in shapes]
     eps = 1e-3  # large enough that a missing ε would show
-    denoms = [None if v is None else v.sqrt() + eps for v in v_hats]
+    denoms, factors = [None if v is None else v.sqrt() + eps for v in v_hats], None
+    if folded and not first_step:
+        bcs = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)  # v̂ = v/bc
+        denoms, factors = F.folded_rms_denominators([v * bc for v, bc in zip(v_hats, bcs)], bcs, eps)
     expected = ref.perturbation(grads, v_hats, params, 0.05, eps, adaptive, perturb_norm)
     work = [g.clone() for g in grads]
-    directions, scales = F.sam_perturbation_(work, denoms, params, [0.05] * 3, adaptive, perturb_norm)
+    directions, scales = F.sam_perturbation_(work, denoms, params, [0.05] * 3, adaptive, perturb_norm,
+                                             denom_factors=factors)
     assert all(a is b for a, b in zip(directions, work))  # N in place
     moved = [p.clone() for p in params]
     F.apply_perturbation_(moved, directions, scales)

@@ -236,12 +236,16 @@ class ARS(AdaRMSuon):
         return buf
 
     def _previous_denominators(self, params: list[Tensor], groups: list[dict],
-                               out: list[Tensor | None] | None = None) -> list[Tensor | None]:
-        """``√v̂+ε`` of the previous step per tensor (``None`` before its first step: ``N = g``).
+                               out: list[Tensor | None] | None = None) -> tuple[list[Tensor | None], Tensor]:
+        """The previous step's ``√v̂+ε`` per tensor, folded (:func:`F.folded_rms_denominators`): returns
+        ``(d, f)`` with ``√v̂+ε = d_i/f_i`` (``d_i = None``, ``f_i = 1`` before its first step: ``N = g``).
 
         Computed on the device: a tensor whose moments exist but whose every step was skipped (``t = 0``,
-        ``v = 0``) gets ε replaced by 1, i.e. the denominator 1 (``N = g``) without a host read."""
+        ``v = 0``; FSDP2 also creates moments before the first step) gets denominator and factor 1, so
+        ``N = g`` bit for bit, without a host read."""
         denoms: list[Tensor | None] = [None] * len(params)
+        device = params[0].device if params else torch.device("cpu")
+        factors: list[Tensor] = list(F.constant_vector((1.0,) * len(params), device, torch.float32).unbind())
         by_setting: dict[tuple[float, float], list[int]] = {}
         for i, (p, group) in enumerate(zip(params, groups)):
             if "exp_avg_sq" not in self.state[p]:
@@ -254,13 +258,14 @@ class ARS(AdaRMSuon):
         for (beta2, adam_eps), idx in by_setting.items():
             states = [self.state[params[i]] for i in idx]
             counts = torch.stack([st["step"] for st in states])
-            eps = list(torch.where(counts > 0, adam_eps, 1.0).unbind())
-            values = F.rms_denominators([F.local(st["exp_avg_sq"]) for st in states],
-                                        F.bias_correction(counts, beta2), eps,
-                                        [out[i] for i in idx] if out is not None else None)
-            for i, d in zip(idx, values):
-                denoms[i] = d
-        return denoms
+            stepped = counts > 0  # else v = 0: denominator 1 and factor 1, so N = g bit for bit
+            values, folded = F.folded_rms_denominators(
+                [F.local(st["exp_avg_sq"]) for st in states],
+                torch.where(stepped, F.bias_correction(counts, beta2), 1.0), torch.where(stepped, adam_eps, 1.0),
+                [out[i] for i in idx] if out is not None else None)
+            for i, d, f in zip(idx, values, folded.unbind()):
+                denoms[i], factors[i] = d, f
+        return denoms, torch.stack(factors) if factors else torch.ones(0, device=device)
 
     @torch.no_grad()
     def begin_sam_pass(self, grad_scale: float | None = None) -> None:
@@ -289,7 +294,7 @@ class ARS(AdaRMSuon):
             torch._foreach_div_(work, grad_scale)
         weights = [self._buffer(p, "weights", v) for p, v in zip(params, values)]
         scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
-        denoms = self._previous_denominators(params, [g for _, g in perturbed], scratch)
+        denoms, factors = self._previous_denominators(params, [g for _, g in perturbed], scratch)
         device = values[0].device if values else torch.device("cpu")
         exact = torch.float32 if device.type == "mps" else torch.float64
         rhos = F.constant_vector(tuple(group["rho"] for _, group in perturbed), device, exact)
@@ -297,7 +302,7 @@ class ARS(AdaRMSuon):
         if isinstance(scale, Tensor) or scale != 1.0:
             rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
         directions, scales = F.sam_perturbation_(work, denoms, values, rhos, self.defaults["adaptive"],
-                                                 self.defaults["perturb_norm"], self._reduce())
+                                                 self.defaults["perturb_norm"], self._reduce(), factors)
         if weights:
             torch._foreach_copy_(weights, values)
         self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
