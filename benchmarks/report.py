@@ -911,7 +911,7 @@ def build(setting: str, paths: common.Paths) -> Path:
     if "scale" in data:  # benchmarks/scale.py: Qwen3-0.6B shapes (and benchmarks/gpu.sh's CUDA runs)
         from . import scale
 
-        lines += scale.section(data["scale"], scale.gpu_results(paths.results))
+        lines += scale.section(data["scale"], paths.results)
     if "fsdp2" in data:  # benchmarks/fsdp2.py (torchrun): per-rank memory and step, DDP vs FSDP2
         from .fsdp2 import section as fsdp2_section
 

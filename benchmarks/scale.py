@@ -804,6 +804,19 @@ def issue14_targets(table: dict[str, Any], track: dict[str, Any], training: dict
 PARTS = ("ns_shapes", "optimizer_step", "adamw_track", "training_step")
 
 
+def _measure_parts(result: dict[str, Any], parts: tuple[str, ...], cfg: ScaleSetting, device: torch.device,
+                   ns_dtype: str, compute: torch.dtype, json_path: Path) -> None:
+    """Measure ``parts`` in the order asked into ``result``, writing ``json_path`` after each: a run
+    stopped at a time limit (a lent GPU) keeps the parts it finished."""
+    measures = {"ns_shapes": lambda: bench_ns_shapes(cfg, device, compute),
+                "optimizer_step": lambda: bench_optimizer_step(cfg, device, ns_dtype),
+                "adamw_track": lambda: bench_adamw_track(cfg, device),
+                "training_step": lambda: bench_training_step(cfg, device, ns_dtype)}
+    for part in parts:
+        result[part] = measures[part]()
+        common.write_json(json_path, result)
+
+
 def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path: Path,
               setting: str = "custom", parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     """Run ``parts`` (all by default) and write ``json_path``; with fewer parts, the parts run are
@@ -812,15 +825,8 @@ def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path:
         torch.set_num_threads(1)
     if set(parts) != set(PARTS) and json_path.is_file():
         result = common.read_json(json_path)
-        compute = getattr(torch, result["ns_compute_dtype"])
         added = {"parts": list(parts), "setting": setting, "config": asdict(cfg), "environment": common.environment()}
-        if "ns_shapes" in parts:
-            result["ns_shapes"] = bench_ns_shapes(cfg, device, compute)
-        for part, fn in (("optimizer_step", bench_optimizer_step), ("training_step", bench_training_step)):
-            if part in parts:
-                result[part] = fn(cfg, device, ns_dtype)
-        if "adamw_track" in parts:
-            result["adamw_track"] = bench_adamw_track(cfg, device)
+        _measure_parts(result, parts, cfg, device, ns_dtype, getattr(torch, result["ns_compute_dtype"]), json_path)
         result.setdefault("added_parts", []).append(added)
         result["summary"] = summarize(result)
         common.write_json(json_path, result)
@@ -839,14 +845,7 @@ def run_scale(cfg: ScaleSetting, device: torch.device, ns_dtype: str, json_path:
     common.log(f"scale: matmul {result['matmul']['gflops']:.1f} GFLOP/s ({result['matmul']['dtype']})")
     if not bf16_is_native(device) and not cfg.tiny:
         result["bf16_ns_slowdown"] = bf16_ns_slowdown(device)
-    # each part is written as soon as it is done: a run stopped at a time limit (a lent GPU) keeps them
-    measures = {"ns_shapes": lambda: bench_ns_shapes(cfg, device, compute),
-                "optimizer_step": lambda: bench_optimizer_step(cfg, device, ns_dtype),
-                "adamw_track": lambda: bench_adamw_track(cfg, device),
-                "training_step": lambda: bench_training_step(cfg, device, ns_dtype)}
-    for part in parts:  # in the order asked
-        result[part] = measures[part]()
-        common.write_json(json_path, result)
+    _measure_parts(result, parts, cfg, device, ns_dtype, compute, json_path)
     if all(part in result for part in PARTS):
         result["summary"] = summarize(result)
     result["seconds"] = time.perf_counter() - start
@@ -902,8 +901,9 @@ def ns_shapes_table(ns: dict[str, Any], title: str = "Newton–Schulz per shape"
     return out
 
 
-def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> list[str]:
-    """The BENCHMARKS.md section (``benchmarks.report`` calls it)."""
+def section(data: dict[str, Any], results: Path | None = None) -> list[str]:
+    """The BENCHMARKS.md section (``benchmarks.report`` calls it); ``results``: the folder whose GPU runs
+    (``benchmarks/gpu.sh``'s files) it reports too."""
     s = summarize(data)
     env, cfg, opt = data["environment"], data["config"], data["optimizer_step"]
     layers = cfg["layers"]
@@ -1001,7 +1001,7 @@ def section(data: dict[str, Any], gpu: list[dict[str, Any]] | None = None) -> li
         out += ["Issue 14's targets on this run: " + "; ".join(
             f"{n.replace('_', ' ')} {_f(t['value'])} ({t['op']} {t['target']}: {'met' if t['met'] else '**missed**'})"
             for n, t in targets.items()) + ".", ""]
-    return out + gpu_section(gpu or [], Path(common.REPO / "benchmarks" / "results"))
+    return out + gpu_section(results)
 
 
 def kernel_times(path: Path) -> dict[str, float]:
@@ -1017,10 +1017,12 @@ def kernel_times(path: Path) -> dict[str, float]:
     return times
 
 
-def gpu_section(runs: list[dict[str, Any]], results: Path) -> list[str]:
-    """BENCHMARKS.md's GPU part: ``benchmarks/gpu.sh``'s scale runs, tests, FSDP2 and kernel profile."""
+def gpu_section(results: Path | None) -> list[str]:
+    """BENCHMARKS.md's GPU part: ``benchmarks/gpu.sh``'s scale runs, tests, FSDP2 and kernel profile, as
+    recorded in ``results``."""
     out = ["### Scale on a GPU", ""]
-    if not runs:
+    runs = gpu_results(results) if results is not None else []
+    if results is None or not runs:
         return out + ["Not run — no GPU was available in this session. `benchmarks/gpu.sh` (`make bench-gpu`) runs "
                       "this benchmark on CUDA in bf16 and fp32 NS and the GPU-marked tests, and records the card.", ""]
     env = runs[0]["environment"]

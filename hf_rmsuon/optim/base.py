@@ -288,7 +288,7 @@ class FamilyOptimizer(torch.optim.Optimizer):
         """Whether every gradient is finite, as a 0-d bool tensor on the device (no host read);
         under FSDP2 over every shard, so all ranks take the same decision. Taken from the gradient-norm
         hint when one covers exactly these gradients (:meth:`accept_gradient_norm`)."""
-        hint, self._norm_hint = self._norm_hint, None
+        hint = self._norm_hint  # cleared when the step ends
         if hint is not None and hint.covers(g for _, _, grads in gathered for g in grads):
             return torch.isfinite(hint.total_norm)
         flag = self._local_finite_flag(gathered)

@@ -236,7 +236,7 @@ class ARS(AdaRMSuon):
         return buf
 
     def _previous_denominators(self, params: list[Tensor], groups: list[dict],
-                               out: list[Tensor | None] | None = None) -> tuple[list[Tensor | None], Tensor]:
+                               out: list[Tensor | None] | None = None) -> tuple[list[Tensor | None], Tensor | None]:
         """The previous step's ``√v̂+ε`` per tensor, folded (:func:`F.folded_rms_denominators`): returns
         ``(d, f)`` with ``√v̂+ε = d_i/f_i`` (``d_i = None``, ``f_i = 1`` before its first step: ``N = g``).
 
@@ -265,7 +265,7 @@ class ARS(AdaRMSuon):
                 [out[i] for i in idx] if out is not None else None)
             for i, d, f in zip(idx, values, folded.unbind()):
                 denoms[i], factors[i] = d, f
-        return denoms, torch.stack(factors) if factors else torch.ones(0, device=device)
+        return denoms, torch.stack(factors) if factors else None
 
     @torch.no_grad()
     def begin_sam_pass(self, grad_scale: float | None = None) -> None:
