@@ -214,19 +214,18 @@ def assign_owners(shapes: list[tuple[int, ...]], views: list[str], world: int) -
 
 def _exchange(layout: ShardedLayout, send: list[list[Tensor]], recv_numel: list[int], capacity: int,
               like: Tensor) -> list[Tensor]:
-    """One ``all_to_all``: ``send[r]`` (flattened, concatenated) goes to rank ``r``. Buffers are padded
-    to ``capacity`` (the largest message between any two ranks, known to all from the shapes), since
-    gloo's all-to-all needs equal sizes."""
-    out_bufs = []
-    for parts in send:
-        buf = like.new_zeros(capacity)
+    """One all-to-all: ``send[r]`` (flattened, concatenated) goes to rank ``r``. Every message is padded
+    to ``capacity`` (the largest message between any two ranks, known to all from the shapes), so the
+    exchange is one ``all_to_all_single`` of equal splits — which gloo supports in every torch this
+    package admits (its list ``all_to_all`` arrived later)."""
+    outgoing = like.new_zeros(len(send) * capacity)
+    for r, parts in enumerate(send):
         if parts:
             flat = torch.cat([t.reshape(-1) for t in parts])
-            buf[:flat.numel()] = flat
-        out_bufs.append(buf)
-    in_bufs = [like.new_empty(capacity) for _ in recv_numel]
-    dist.all_to_all(in_bufs, out_bufs, group=layout.group)
-    return [buf[:n] for buf, n in zip(in_bufs, recv_numel)]
+            outgoing[r * capacity:r * capacity + flat.numel()] = flat
+    incoming = like.new_empty(len(recv_numel) * capacity)
+    dist.all_to_all_single(incoming, outgoing, group=layout.group)
+    return [incoming[r * capacity:r * capacity + n] for r, n in enumerate(recv_numel)]
 
 
 def sharded_orthogonalize(inputs: list[Tensor], views: list[str], shapes: list[tuple[int, ...]], input_norms: bool,
