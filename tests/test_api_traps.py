@@ -30,6 +30,7 @@ def test_import_registers_names_in_a_fresh_process():
 
 
 def test_optimizer_cls_and_kwargs_builds_from_optim_args(tmp_path):
+    hf_rmsuon.install()  # a SAM member outside RMSuonTrainer (else the factory refuses it, as tested below)
     args = training_args(tmp_path, optim_args="k=5,rho=0.3")  # args.optim stays adamw_torch
     cls, kwargs = optimizer_cls_and_kwargs("ars2_neo", args)
     assert kwargs["k"] == 5 and kwargs["rho"] == 0.3
