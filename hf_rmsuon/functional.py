@@ -363,21 +363,20 @@ def rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor, eps: 
     return list(denoms)
 
 
-def folded_rms_denominators(exp_avg_sqs: list[Tensor], bias_corrections2: Tensor, eps: float | Tensor,
-                            out: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
-    """``(√v + ε·√(1−β2^t), √(1−β2^t))`` per tensor: ``g/(√v̂+ε) = factor·g/denominator`` exactly (the
-    bias correction moved onto ε), one full pass fewer than :func:`rms_denominators`, for uses that
-    carry a per-tensor factor anyway (SAM's perturbation). ``eps``: one number or a vector on the
-    device, one per tensor; written into ``out`` where given."""
-    factors = bias_corrections2.sqrt()
-    if not exp_avg_sqs:
-        return [], factors
-    if out is None:
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-    else:
-        denoms = [torch.sqrt(v, out=o) if o is not None else v.sqrt() for v, o in zip(exp_avg_sqs, out)]
-    torch._foreach_add_(denoms, list((factors * eps).unbind()))
-    return list(denoms), factors
+def folded_rms_denominators(exp_avg_sqs: list[Tensor | None], eps: Tensor,
+                            out: list[Tensor | None] | None = None) -> list[Tensor | None]:
+    """``√v + ε_i`` per tensor (``None`` where there is no ``v``), written into ``out`` where given. With
+    ``ε_i = ε·√(1−β2ᵗ)`` this is ``√(1−β2ᵗ)·(√v̂+ε)``: the bias correction rides on ε, one full pass fewer
+    than :func:`rms_denominators`, for uses that carry the factor ``√(1−β2ᵗ)`` per tensor anyway (SAM's
+    perturbation). ``eps``: one value per tensor, a vector on the device."""
+    outs = out if out is not None else [None] * len(exp_avg_sqs)
+    denoms = [None if v is None else torch.sqrt(v, out=o) if o is not None else v.sqrt()
+              for v, o in zip(exp_avg_sqs, outs)]
+    present = [i for i, d in enumerate(denoms) if d is not None]
+    if present:
+        eps_values = eps.unbind()
+        torch._foreach_add_([denoms[i] for i in present], [eps_values[i] for i in present])
+    return denoms
 
 
 def whiten(exp_avgs: list[Tensor], denoms: list[Tensor], bias_corrections1: Tensor | None = None,
@@ -605,15 +604,22 @@ def sam_perturbation_(
                 n.mul_(p.abs())
             else:  # |p| into the spent denominator (converting bf16/fp16 weights to the state dtype)
                 n.mul_(torch.abs(p, out=d) if d.dtype == p.dtype else d.copy_(p).abs_())
-    rho = rhos.to(grads[0].device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
-        tuple(rhos), grads[0].device, torch.float32)
     norms = frobenius_norms(grads, reduce)  # ‖Ñ_i‖
+    return grads, perturbation_scales(norms, rhos, perturb_norm, denom_factors)
+
+
+def perturbation_scales(norms: Tensor, rhos: list[float] | Tensor, perturb_norm: str,
+                        denom_factors: Tensor | None = None) -> Tensor:
+    """The per-tensor ``c_i`` of ``e_i = c_i·Ñ_i``: ``ρ_i·f_i/(‖N‖+1e-12)`` with ``‖N_i‖ = f_i·‖Ñ_i‖``
+    (``norms``: ``‖Ñ_i‖``; ``f_i`` = ``denom_factors``, 1 where ``None``), ``‖N‖`` global or per tensor."""
+    rho = rhos.to(norms.device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
+        tuple(rhos), norms.device, torch.float32)
     if denom_factors is not None:
         norms = norms * denom_factors  # ‖N_i‖
         rho = rho * denom_factors
     if perturb_norm == "global":
-        return grads, rho / (torch.linalg.vector_norm(norms) + SHEAR_EPS)
-    return grads, rho / (norms + SHEAR_EPS)
+        return rho / (torch.linalg.vector_norm(norms) + SHEAR_EPS)
+    return rho / (norms + SHEAR_EPS)
 
 
 def apply_perturbation_(params: list[Tensor], directions: list[Tensor], scales: Tensor) -> None:
@@ -624,6 +630,63 @@ def apply_perturbation_(params: list[Tensor], directions: list[Tensor], scales: 
             p.copy_(p.float().addcmul_(n.float(), c.float()))
         else:
             p.addcmul_(n.to(p.dtype), c.to(p.dtype))
+
+
+def _perturbation_direction(g: Tensor, v: Tensor | None, p: Tensor, eps: Tensor, adaptive: bool) -> Tensor:
+    """``Ñ = g/(√v+ε)`` (``g`` without ``v``), ``⊙|p|`` when ``adaptive``, in float32."""
+    n = g.float()
+    if v is not None:
+        n = n / (v.float().sqrt() + eps)
+    return n * p.float().abs() if adaptive else n
+
+
+def _direction_row_square_norms(g: Tensor, v: Tensor | None, p: Tensor, eps: Tensor, adaptive: bool) -> Tensor:
+    n = _perturbation_direction(g, v, p, eps, adaptive)
+    return (n * n).sum(dim=1)
+
+
+def _perturb_rows_(p: Tensor, g: Tensor, v: Tensor | None, eps: Tensor, scale: Tensor, adaptive: bool) -> None:
+    p.copy_((p.float() + scale * _perturbation_direction(g, v, p, eps, adaptive)).to(p.dtype))
+
+
+@functools.cache
+def _compiled_perturbation_kernels() -> tuple[Callable[..., Tensor], Callable[..., None]]:
+    # dynamic shapes: one kernel per pass serves every tensor (as rows × columns)
+    return (torch.compile(_direction_row_square_norms, dynamic=True), torch.compile(_perturb_rows_, dynamic=True))
+
+
+def fused_sam_perturbation_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sqs: list[Tensor | None],
+    eps: Tensor,
+    denom_factors: Tensor,
+    rhos: list[float] | Tensor,
+    adaptive: bool,
+    perturb_norm: str,
+    reduce: Reduce | None = None,
+) -> None:
+    """``w ← w + e`` (as :func:`sam_perturbation_` + :func:`apply_perturbation_`) in two ``torch.compile``-d
+    passes per tensor: ``‖Ñ‖`` per row (reads ``g``, ``v``, ``p``), then ``w += c·Ñ`` recomputing ``Ñ``
+    (the same reads, one write) — the in-place chain takes about twice the memory traffic. Here
+    ``Ñ_i = g/(√v_i+ε_i)`` (⊙|p|) with ``√v̂+ε = (√v_i+ε_i)/f_i`` (``f_i`` = ``denom_factors``; a
+    ``None`` second moment: ``Ñ = g``, ``f_i = 1``); ``eps``: the ``ε_i``, one per tensor on the device.
+    ``grads`` are left unchanged; every tensor is local (FSDP2 shards: row reductions via ``reduce``)."""
+    if perturb_norm not in ("global", "per_tensor"):
+        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+    if not params:
+        return
+    row_square_norms, perturb_rows_ = _compiled_perturbation_kernels()
+    rows = [row_square_norms(_rows(g), None if v is None else _rows(v), _rows(p), e, adaptive)
+            for p, g, v, e in zip(params, grads, exp_avg_sqs, eps.unbind())]
+    if reduce is not None:
+        rows = reduce(rows)
+    scales = perturbation_scales(torch.stack([r.sum() for r in rows]).sqrt(), rhos, perturb_norm, denom_factors)
+    for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):
+        target = _rows(p) if p.is_contiguous() else _rows(p.contiguous())  # the kernel writes through a view
+        perturb_rows_(target, _rows(g), None if v is None else _rows(v), e, c, adaptive)
+        if not p.is_contiguous():
+            p.copy_(target.view(p.shape))
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],

@@ -203,30 +203,59 @@ def test_moments_whitening_and_energy(ref):
 def test_sam_perturbation(ref, perturb_norm, adaptive, first_step, folded):
     """``folded``: the denominators of :func:`F.folded_rms_denominators` (bias correction moved onto ε, a
     different one per tensor) with their factors give the same perturbation as ``√v̂+ε`` itself."""
-    gen = _gen(10)
-    shapes = [(6, 4), (4,), (3, 5)]
-    grads = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
-    params = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
-    v_hats = [None] * 3 if first_step else [torch.rand(*s, generator=gen, dtype=torch.float64) for s in shapes]
-    eps = 1e-3  # large enough that a missing ε would show
+    grads, params, v_hats, eps = _perturbation_case(first_step)
     denoms, factors = [None if v is None else v.sqrt() + eps for v in v_hats], None
     if folded and not first_step:
         bcs = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)  # v̂ = v/bc
-        denoms, factors = F.folded_rms_denominators([v * bc for v, bc in zip(v_hats, bcs)], bcs, eps)
-    expected = ref.perturbation(grads, v_hats, params, 0.05, eps, adaptive, perturb_norm)
+        denoms, factors = F.folded_rms_denominators([v * bc for v, bc in zip(v_hats, bcs)], eps * bcs.sqrt()), bcs.sqrt()
     work = [g.clone() for g in grads]
     directions, scales = F.sam_perturbation_(work, denoms, params, [0.05] * 3, adaptive, perturb_norm,
                                              denom_factors=factors)
     assert all(a is b for a, b in zip(directions, work))  # N in place
     moved = [p.clone() for p in params]
     F.apply_perturbation_(moved, directions, scales)
+    _check_perturbation(ref, moved, grads, v_hats, params, eps, adaptive, perturb_norm)
+
+
+def _perturbation_case(first_step: bool, dtype: torch.dtype = torch.float64):
+    gen = _gen(10)
+    shapes = [(6, 4), (4,), (3, 5)]
+    grads = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    params = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    v_hats = [None] * 3 if first_step else [torch.rand(*s, generator=gen, dtype=dtype) for s in shapes]
+    return grads, params, v_hats, 1e-3  # ε large enough that a missing one would show
+
+
+def _check_perturbation(ref, moved, grads, v_hats, params, eps, adaptive, perturb_norm, rtol=1e-6, atol=1e-15):
+    expected = ref.perturbation(grads, v_hats, params, 0.05, eps, adaptive, perturb_norm)
     e = [m - p for m, p in zip(moved, params)]
     for got, want in zip(e, expected):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-15)
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
     if perturb_norm == "global":
-        assert math.sqrt(sum(ref.fro(t) ** 2 for t in e)) == pytest.approx(0.05, rel=1e-6)
+        assert math.sqrt(sum(ref.fro(t) ** 2 for t in e)) == pytest.approx(0.05, rel=rtol)
     else:
-        assert [ref.fro(t) for t in e] == pytest.approx([0.05] * 3, rel=1e-6)
+        assert [ref.fro(t) for t in e] == pytest.approx([0.05] * 3, rel=rtol)
+
+
+@pytest.mark.parametrize("perturb_norm,adaptive,first_step", [
+    ("global", True, False), ("per_tensor", False, False), ("global", True, True),
+    pytest.param("per_tensor", True, False, marks=pytest.mark.slow),
+    pytest.param("global", False, True, marks=pytest.mark.slow)])
+def test_fused_sam_perturbation_matches_the_reference(ref, perturb_norm, adaptive, first_step):
+    """The ``torch.compile``-d two-pass perturbation (``compile=True``) against the hand-written SAM
+    reference, with the bias correction folded onto ε, a non-contiguous weight, and the gradients
+    left unchanged."""
+    grads, params, v_hats, eps = _perturbation_case(first_step, torch.float32)
+    params[2] = params[2].t().contiguous().t()  # same values, transposed memory: written back through a copy
+    assert not params[2].is_contiguous()
+    bcs = torch.tensor([0.3, 0.6, 0.9])
+    second = [None if v is None else v * bc for v, bc in zip(v_hats, bcs)]
+    factors = torch.ones(3) if first_step else bcs.sqrt()
+    moved, before = [p.clone() for p in params], [g.clone() for g in grads]
+    moved[2] = moved[2].t().contiguous().t()
+    F.fused_sam_perturbation_(moved, grads, second, eps * factors, factors, [0.05] * 3, adaptive, perturb_norm)
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))
+    _check_perturbation(ref, moved, grads, v_hats, params, eps, adaptive, perturb_norm, rtol=2e-5, atol=5e-7)
 
 
 def test_sam_perturbation_rejects_unknown_norm():

@@ -16,6 +16,7 @@ from _numeric import free_port
 from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
 
 import hf_rmsuon
+from hf_rmsuon import functional as F
 from hf_rmsuon.integration import (
     FamilyOptimizerFactory,
     RMSuonTrainer,
@@ -215,15 +216,18 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert unwrap_optimizer(trainer.optimizer).sam["syncs"] == 3
 
 
-def test_perturbation_ignores_gradient_scaling():
+@pytest.mark.parametrize("compiled", [False, True], ids=["in-place", "compiled"])
+def test_perturbation_ignores_gradient_scaling(monkeypatch, compiled):
     """The fp16 GradScaler path: base gradients carry the loss scale; with ``grad_scale`` the
-    perturbation equals the unscaled one (ε keeps its meaning)."""
+    perturbation equals the unscaled one (ε keeps its meaning), in the in-place chain and in the
+    fused passes of ``compile=True``."""
+    monkeypatch.setattr(F, "compiled_newton_schulz", lambda: F.newton_schulz)  # SAM's passes are under test
     torch.manual_seed(0)
     weights = [torch.randn(8, 4), torch.randn(8)]
 
     def perturbation(scale):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
-        opt = hf_rmsuon.ARS(params, eps=1e-3)
+        opt = hf_rmsuon.ARS(params, eps=1e-3, compile=compiled)
         grads = [torch.full_like(p, 1e-3) + 1e-3 * torch.arange(p.numel()).reshape(p.shape) for p in params]
         for p, g in zip(params, grads):  # one step so that v̂ (and hence ε) matters
             p.grad = g.clone()

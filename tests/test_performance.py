@@ -211,3 +211,47 @@ def test_compiled_newton_schulz_agrees_with_eager():
         opt_b.step()
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, None), (torch.bfloat16, 64.0)], ids=["fp32", "bf16-scaled"])
+def test_compiled_sam_passes_match_the_in_place_chain(monkeypatch, dtype, grad_scale):
+    """``compile=True``: SAM's perturbation in two fused passes moves the weights where the in-place
+    chain does (every sync step, the first without moments included; bf16 weights with fp32 state and a
+    GradScaler's loss scale), restores them exactly, and leaves the run where the eager one ends."""
+    monkeypatch.setattr(F, "compiled_newton_schulz", lambda: F.newton_schulz)  # the SAM passes are under test
+    models = [_model().to(dtype), _model().to(dtype)]
+    opts = [hf_rmsuon.create_optimizer("ars2_neo", m, k=2, rho=0.05, compile=c, state_dtype=torch.float32)
+            for m, c in zip(models, (False, True))]
+    syncs = 0
+    for step in range(4):
+        perturbed = []
+        for model, opt in zip(models, opts):
+            _set_grads(model, step)
+            if grad_scale:
+                for p in model.parameters():
+                    p.grad.mul_(grad_scale)
+            before = [p.detach().clone() for p in model.parameters()]
+            if opt.sam_pass_due():
+                opt.begin_sam_pass(grad_scale=grad_scale)
+                perturbed.append([p.detach().float() - b.float() for p, b in zip(model.parameters(), before)])
+                assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())  # zeroed for the replay
+                _set_grads(model, 100 + step)  # the "adversarial" gradient
+                if grad_scale:
+                    for p in model.parameters():
+                        p.grad.mul_(grad_scale)
+                opt.end_sam_pass()
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # exact restore
+            if grad_scale:
+                for p in model.parameters():
+                    p.grad.div_(grad_scale)
+            opt.step()
+        if perturbed:
+            syncs += 1
+            eager, fused = perturbed
+            assert max(float(e.abs().max()) for e in eager) > 1e-4  # a real move
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            for e, f in zip(eager, fused):
+                torch.testing.assert_close(f, e, rtol=tol, atol=tol * 1e-2)
+    assert syncs == 2
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)

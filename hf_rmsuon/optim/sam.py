@@ -235,17 +235,19 @@ class ARS(AdaRMSuon):
             buf = self._buffers[(id(p), key)] = torch.empty_like(like)
         return buf
 
-    def _previous_denominators(self, params: list[Tensor], groups: list[dict],
-                               out: list[Tensor | None] | None = None) -> tuple[list[Tensor | None], Tensor | None]:
-        """The previous step's ``√v̂+ε`` per tensor, folded (:func:`F.folded_rms_denominators`): returns
-        ``(d, f)`` with ``√v̂+ε = d_i/f_i`` (``d_i = None``, ``f_i = 1`` before its first step: ``N = g``).
+    def _previous_second_moments(self, params: list[Tensor], groups: list[dict]
+                                 ) -> tuple[list[Tensor | None], Tensor, Tensor]:
+        """The previous step's ``√v̂+ε`` per tensor with the bias correction folded onto ε
+        (:func:`F.folded_rms_denominators`): ``(v, ε', f)`` with ``√v̂+ε = (√v_i+ε'_i)/f_i``, ``ε'_i = ε·f_i``,
+        ``f_i = √(1−β2ᵗ)``. ``v_i = None`` (``f_i = 1``) before a tensor has moments: ``N = g``.
 
-        Computed on the device: a tensor whose moments exist but whose every step was skipped (``t = 0``,
-        ``v = 0``; FSDP2 also creates moments before the first step) gets denominator and factor 1, so
-        ``N = g`` bit for bit, without a host read."""
-        denoms: list[Tensor | None] = [None] * len(params)
+        Decided on the device: a tensor whose moments exist but whose every step was skipped (``t = 0``,
+        ``v = 0``; FSDP2 also creates moments before the first step) gets ``ε' = f = 1``, so ``N = g`` bit
+        for bit, without a host read."""
+        second_moments: list[Tensor | None] = [None] * len(params)
         device = params[0].device if params else torch.device("cpu")
-        factors: list[Tensor] = list(F.constant_vector((1.0,) * len(params), device, torch.float32).unbind())
+        ones = F.constant_vector((1.0,) * len(params), device, torch.float32)
+        eps, factors = list(ones.unbind()), list(ones.unbind())
         by_setting: dict[tuple[float, float], list[int]] = {}
         for i, (p, group) in enumerate(zip(params, groups)):
             if "exp_avg_sq" not in self.state[p]:
@@ -258,14 +260,12 @@ class ARS(AdaRMSuon):
         for (beta2, adam_eps), idx in by_setting.items():
             states = [self.state[params[i]] for i in idx]
             counts = torch.stack([st["step"] for st in states])
-            stepped = counts > 0  # else v = 0: denominator 1 and factor 1, so N = g bit for bit
-            values, folded = F.folded_rms_denominators(
-                [F.local(st["exp_avg_sq"]) for st in states],
-                torch.where(stepped, F.bias_correction(counts, beta2), 1.0), torch.where(stepped, adam_eps, 1.0),
-                [out[i] for i in idx] if out is not None else None)
-            for i, d, f in zip(idx, values, folded.unbind()):
-                denoms[i], factors[i] = d, f
-        return denoms, torch.stack(factors) if factors else None
+            stepped = counts > 0  # else v = 0: ε' = f = 1, so N = g bit for bit
+            folded = torch.where(stepped, F.bias_correction(counts, beta2), 1.0).sqrt()
+            shifts = torch.where(stepped, adam_eps * folded, 1.0)
+            for i, st, e, f in zip(idx, states, shifts.unbind(), folded.unbind()):
+                second_moments[i], eps[i], factors[i] = F.local(st["exp_avg_sq"]), e, f
+        return second_moments, torch.stack(eps) if eps else ones, torch.stack(factors) if factors else ones
 
     @torch.no_grad()
     def begin_sam_pass(self, grad_scale: float | None = None) -> None:
@@ -287,26 +287,34 @@ class ARS(AdaRMSuon):
         if self._stores_shear():  # the base gradient is needed only for the shear force (Lazy mode / AGA)
             base_grads = [self._buffer(p, "base_grad", F.local(p.grad)) for p in all_params]
             torch._foreach_copy_(base_grads, [F.local(p.grad) for p in all_params])
-        # e is built in the gradients' memory (zeroed for the replay below anyway); the weight-copy
-        # buffers serve as scratch for √v̂+ε and |p| before they receive the weights
-        work = self._in_state_dtype(params, [F.local(p.grad) for p in params])
-        if grad_scale:
-            torch._foreach_div_(work, grad_scale)
         weights = [self._buffer(p, "weights", v) for p, v in zip(params, values)]
-        scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
-        denoms, factors = self._previous_denominators(params, [g for _, g in perturbed], scratch)
+        second_moments, eps, factors = self._previous_second_moments(params, [g for _, g in perturbed])
+        if grad_scale:
+            factors = factors / grad_scale  # N from the unscaled gradient, so that ε keeps its meaning
         device = values[0].device if values else torch.device("cpu")
         exact = torch.float32 if device.type == "mps" else torch.float64
         rhos = F.constant_vector(tuple(group["rho"] for _, group in perturbed), device, exact)
         scale = self.sam["rho_scale"]  # ASI's factor: a device tensor once adapted
         if isinstance(scale, Tensor) or scale != 1.0:
             rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
-        directions, scales = F.sam_perturbation_(work, denoms, values, rhos, self.defaults["adaptive"],
-                                                 self.defaults["perturb_norm"], self._reduce(), factors)
-        if weights:
-            torch._foreach_copy_(weights, values)
+        adaptive, perturb_norm = self.defaults["adaptive"], self.defaults["perturb_norm"]
+        if self.defaults["compile"]:  # two fused passes; the gradients stay as they are until zeroed below
+            if weights:
+                torch._foreach_copy_(weights, values)
+            F.fused_sam_perturbation_(values, [F.local(p.grad) for p in params], second_moments, eps, factors,
+                                      rhos, adaptive, perturb_norm, self._reduce())  # w ← w + e
+        else:
+            # e is built in the gradients' memory (zeroed for the replay below anyway); the weight-copy
+            # buffers serve as scratch for √v+ε' and |p| before they receive the weights
+            work = self._in_state_dtype(params, [F.local(p.grad) for p in params])
+            scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
+            denoms = F.folded_rms_denominators(second_moments, eps, scratch)
+            directions, scales = F.sam_perturbation_(work, denoms, values, rhos, adaptive, perturb_norm,
+                                                     self._reduce(), factors)
+            if weights:
+                torch._foreach_copy_(weights, values)
+            F.apply_perturbation_(values, directions, scales)  # w ← w + e
         self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
-        F.apply_perturbation_(values, directions, scales)  # w ← w + e
         for p in all_params:
             F.local(p.grad).zero_()
         self._reshard()
