@@ -6,7 +6,9 @@
 #   2. the scale benchmark (benchmarks/scale.py, Qwen3-0.6B shapes, 2 layers, setting "gpu") on CUDA with
 #      the family's Newton–Schulz in bf16 and in fp32 (peers: bf16 as shipped and fp32 rows in both runs);
 #   3. the FSDP2 (DTensor) path on CUDA with NCCL at world size 1 (benchmarks/fsdp2.py);
-#   4. a kernel-time profile of SAM's bookkeeping and the AdamW track (benchmarks/kernel_profile.py).
+#   4. a kernel-time profile of SAM's bookkeeping and the AdamW track (benchmarks/kernel_profile.py);
+#   5. SAM's bookkeeping, in-place chain vs compile=True's fused passes (Triton), at 2 and 28 layers
+#      (scale.py's sam_bookkeeping part, merged into the bf16 result).
 # Each stage has its own time limit and writes as it goes, so a stage that runs out keeps what it measured
 # and the next one still runs. The card's name is recorded in each result file (environment.gpu) and at the
 # top of the test log; `python -m benchmarks.run --setting full --only report` puts the numbers into
@@ -21,7 +23,8 @@ LIMIT_TESTS=${LIMIT_TESTS:-180}
 LIMIT_SCALE=${LIMIT_SCALE:-150}
 LIMIT_FSDP2=${LIMIT_FSDP2:-60}
 LIMIT_PROFILE=${LIMIT_PROFILE:-90}
-STAGES=${STAGES:-tests scale fsdp2 profile}  # a subset reruns only those stages
+LIMIT_SAM=${LIMIT_SAM:-120}
+STAGES=${STAGES:-tests scale fsdp2 profile sam}  # a subset reruns only those stages
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: no CUDA device')" || exit 1
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
@@ -51,6 +54,11 @@ fi
 if [[ " $STAGES " == *" profile "* ]]; then
   timeout "$LIMIT_PROFILE" "$PY" -m benchmarks.kernel_profile cuda > "$OUT/kernel_profile_cuda.txt" 2>&1 \
     || echo "gpu.sh: kernel profile exit $?"
+fi
+if [[ " $STAGES " == *" sam "* ]]; then
+  timeout "$LIMIT_SAM" "$PY" -m benchmarks.scale --device cuda --ns_dtype bfloat16 --setting "$SETTING" \
+    --parts sam_bookkeeping --json "$OUT/scale_cuda_bfloat16.json" 2>&1 | tee -a "$OUT/scale_cuda.log" \
+    || echo "gpu.sh: sam bookkeeping exit $?"
 fi
 echo "gpu.sh: done in $((SECONDS - start)) s on $CARD (tests exit $status); results in $OUT"
 exit $status

@@ -472,9 +472,13 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], kind: str | None = 
 # --------------------------------------------------------------------------------------------------
 
 
-def preset_gradients(params: list[Tensor], seed: int) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+def preset_gradients(params: list[Tensor], seed: int, adversarial: bool = True
+                     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Fixed gradients and "adversarial" ones near them (without ``adversarial``: the same tensors)."""
     g = torch.Generator(device=params[0].device).manual_seed(seed)
     grads = {id(p): torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-2 for p in params}
+    if not adversarial:
+        return grads, grads
     adv = {k: v + 0.5e-2 * torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) for k, v in grads.items()}
     return grads, adv
 
@@ -631,6 +635,75 @@ def bench_optimizer_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str)
             "matrix_shapes": sorted({str(tuple(p.shape)) for p in matrix})}
 
 
+#: Qwen3-0.6B's own depth: the SAM bookkeeping is also measured there (the 2-layer model is 83% embedding)
+DEPTH_LAYERS = 28
+SAM_PATHS = ("in_place", "compiled")
+
+
+def bench_sam_bookkeeping(cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
+    """SAM's sync-step bookkeeping (``begin_sam_pass`` + ``end_sam_pass``: perturb, copy, restore) by the
+    in-place chain and by the fused passes of ``compile=True``, against the sync step itself, at the
+    benchmark's depth and at Qwen3-0.6B's 28 layers — the bookkeeping grows with every parameter, the step
+    with the matrices, so the embedding's share sets the ratio."""
+    depths = dict.fromkeys((cfg.layers, 1 if cfg.tiny else DEPTH_LAYERS))
+    out = {}
+    for layers in depths:
+        out[str(layers)] = _sam_bookkeeping_at(layers, cfg, device, ns_dtype)
+        gc.collect()
+    return {"depths": out}
+
+
+def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
+    import hf_rmsuon
+
+    model = build_model(layers, cfg.tiny, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, _ = preset_gradients(params, 1, adversarial=False)  # memory: 28 layers hold 596 M values per copy
+    for p in params:
+        p.grad = grads[id(p)].clone()
+    opt = hf_rmsuon.create_optimizer("ars", model, k=1, **({} if ns_dtype == "auto" else {"ns_dtype": ns_dtype}))
+
+    def bookkeeping(path: str) -> float:
+        # the same optimizer state both ways: only the SAM path differs (compile=False keeps the NS eager)
+        opt.reset_sam_pass()
+        for p in params:
+            p.grad.copy_(grads[id(p)])
+        opt.defaults["compile"] = path == "compiled"
+        try:
+            assert opt.sam_pass_due()
+            seconds = timed(opt.begin_sam_pass, device)
+            for p in params:  # stands in for the second backward (not counted)
+                p.grad.copy_(grads[id(p)])
+            return seconds + timed(opt.end_sam_pass, device)
+        finally:
+            opt.defaults["compile"] = False
+
+    rounds, warmup = (cfg.opt_rounds, cfg.opt_warmup) if layers == cfg.layers else (3, 1)
+    bookkeeping("in_place")  # a first step, untimed: the moments exist from here on (ε, √v in N)
+    opt.step()
+    samples = []
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(warmup + rounds):  # the first round also compiles the fused passes
+            order = SAM_PATHS if r % 2 == 0 else SAM_PATHS[::-1]
+            sample: dict[str, Any] = {path: bookkeeping(path) for path in order}
+            sample["step"] = timed(opt.step, device)  # the sync step's update from the recorded pass
+            if r >= warmup:
+                samples.append({**sample, "round": r - warmup})
+            common.log(f"scale: SAM bookkeeping at {layers} layer(s): round {r + 1}/{warmup + rounds} done")
+    finally:
+        gc.enable()
+    row: dict[str, Any] = {"layers": layers, "n_params": sum(p.numel() for p in params),
+                           "matrix_params": sum(p.numel() for p in split_tracks(model)[0]),
+                           "samples": samples, "step": _stats([s["step"] for s in samples])}
+    for path in SAM_PATHS:
+        row[path] = _stats([s[path] for s in samples])
+        row[f"{path}_vs_step"] = statistics.median(s[path] / s["step"] for s in samples)
+    row["compiled_vs_in_place"] = statistics.median(s["compiled"] / s["in_place"] for s in samples)
+    return row
+
+
 HINTED_TRACK = "hf_rmsuon AdamW track, gate from the loop's ‖g‖"
 
 
@@ -762,9 +835,20 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "k1_vs_ada_rmsuon": _med(k1) / _med(ada),
         "paired_k1_vs_ada_rmsuon": paired(k1["samples"], ada["samples"]),
     }
-    return {"optimizer_step": table, "adamw_track": track, "training_step": training,
-            "targets": issue14_targets(table, track, training, muon,
-                                       "fp32" if result.get("ns_compute_dtype", "float32") == "float32" else "bf16")}
+    targets = issue14_targets(table, track, training, muon,
+                              "fp32" if result.get("ns_compute_dtype", "float32") == "float32" else "bf16")
+    out = {"optimizer_step": table, "adamw_track": track, "training_step": training, "targets": targets}
+    if "sam_bookkeeping" in result:
+        depths = result["sam_bookkeeping"]["depths"]
+        out["sam_bookkeeping"] = {layers: {k: row[k] for k in ("in_place_vs_step", "compiled_vs_step",
+                                                                 "compiled_vs_in_place")}
+                                  for layers, row in depths.items()}
+        for layers, row in depths.items():
+            for path in SAM_PATHS:
+                value = row[f"{path}_vs_step"]
+                targets[f"sam_bookkeeping_{path}_{layers}_layers"] = {"value": value, "target": 0.05, "op": "<=",
+                                                                       "met": value <= 0.05}
+    return out
 
 
 def issue14_targets(table: dict[str, Any], track: dict[str, Any], training: dict[str, Any], muon: str | None,
@@ -802,6 +886,8 @@ def issue14_targets(table: dict[str, Any], track: dict[str, Any], training: dict
 
 
 PARTS = ("ns_shapes", "optimizer_step", "adamw_track", "training_step")
+#: measured only when named in --parts (the 28-layer model takes ~15 GB and minutes per step on a CPU)
+EXTRA_PARTS = ("sam_bookkeeping",)
 
 
 def _measure_parts(result: dict[str, Any], parts: tuple[str, ...], cfg: ScaleSetting, device: torch.device,
@@ -811,7 +897,8 @@ def _measure_parts(result: dict[str, Any], parts: tuple[str, ...], cfg: ScaleSet
     measures = {"ns_shapes": lambda: bench_ns_shapes(cfg, device, compute),
                 "optimizer_step": lambda: bench_optimizer_step(cfg, device, ns_dtype),
                 "adamw_track": lambda: bench_adamw_track(cfg, device),
-                "training_step": lambda: bench_training_step(cfg, device, ns_dtype)}
+                "training_step": lambda: bench_training_step(cfg, device, ns_dtype),
+                "sam_bookkeeping": lambda: bench_sam_bookkeeping(cfg, device, ns_dtype)}
     for part in parts:
         result[part] = measures[part]()
         common.write_json(json_path, result)
@@ -901,6 +988,23 @@ def ns_shapes_table(ns: dict[str, Any], title: str = "Newton–Schulz per shape"
     return out
 
 
+def sam_bookkeeping_table(data: dict[str, Any]) -> list[str]:
+    """The ``sam_bookkeeping`` part (when measured): in-place chain vs compiled passes, by depth."""
+    if "sam_bookkeeping" not in data:
+        return []
+    out = ["", "SAM bookkeeping by depth (`ars`, k=1; `begin_sam_pass` + `end_sam_pass` of one optimizer, its "
+           "in-place chain and its `compile=True` fused passes timed alternately on the same state, each ÷ the "
+           "sync step of the same round; medians):", "",
+           "| layers | parameters | matrix track | sync step | in-place chain | compiled passes | compiled ÷ in-place |",
+           "|---|---|---|---|---|---|---|"]
+    for layers, row in data["sam_bookkeeping"]["depths"].items():
+        out.append(f"| {layers} | {row['n_params'] / 1e6:.0f} M | {100 * row['matrix_params'] / row['n_params']:.0f}% "
+                   f"| {row['step']['median_ms'] / 1e3:.2f} s | {row['in_place']['median_ms'] / 1e3:.2f} s "
+                   f"({100 * row['in_place_vs_step']:.1f}%) | {row['compiled']['median_ms'] / 1e3:.2f} s "
+                   f"({100 * row['compiled_vs_step']:.1f}%) | {row['compiled_vs_in_place']:.2f} |")
+    return out + [""]
+
+
 def section(data: dict[str, Any], results: Path | None = None) -> list[str]:
     """The BENCHMARKS.md section (``benchmarks.report`` calls it); ``results``: the folder whose GPU runs
     (``benchmarks/gpu.sh``'s files) it reports too."""
@@ -977,7 +1081,11 @@ def section(data: dict[str, Any], results: Path | None = None) -> list[str]:
                 "when Lazy/AGA keep a shear force (copy `g`, `√v`, `+ ε·√(1−β2ᵗ)`, `g ÷`, `|p|`, `· |p|`, "
                 "`‖N‖`, copy `w`, `w += c·N`, zero `g`, restore; the bias correction rides on ε and the "
                 "per-tensor scale), all in place in reused buffers; at these shapes each pass over the 187 M "
-                "values is ~1.5–2% of an NS-dominated step, so ~15% is near this protocol's floor on a CPU."]
+                "values is ~1.5–2% of an NS-dominated step, so ~15% is near this protocol's floor on a CPU. "
+                "`compile=True` fuses the direction into two passes per tensor (`‖Ñ‖` by rows, then `w += c·Ñ`, each "
+                "reading `g`, `v`, `p`): five passes in all (six with a shear force) — the table below. The 2-layer "
+                "model is 83% embedding; at Qwen3-0.6B's own 28 layers the matrices' Newton–Schulz dominates."]
+    out += sam_bookkeeping_table(data)
     tr = s["adamw_track"]
     ad = data["adamw_track"]
     out += ["", f"**AdamW track alone** ({ad['params'] / 1e6:.0f} M parameters: embedding + norms): ours "
@@ -1063,6 +1171,7 @@ def gpu_section(results: Path | None) -> list[str]:
                 "", "Issue 14's targets in this run: " + "; ".join(
                     f"{n.replace('_', ' ')} {_f(v['value'])} ({v['op']} {v['target']}: "
                     f"{'met' if v['met'] else '**missed**'})" for n, v in s["targets"].items()) + ".", ""]
+        out += sam_bookkeeping_table(run)
     profile = results / "kernel_profile_cuda.txt"
     if profile.is_file():
         k = kernel_times(profile)
@@ -1115,11 +1224,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ns_dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     p.add_argument("--json", default=None, help="result file (default benchmarks/results/scale.json on CPU)")
     p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated subset of {','.join(PARTS)}; a subset is merged into an existing --json")
+                   help=f"comma-separated subset of {','.join(PARTS + EXTRA_PARTS)} (the last only when named); "
+                        "a subset is merged into an existing --json")
     args = p.parse_args(argv)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
-    if set(parts) - set(PARTS):
-        p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}")
+    if set(parts) - set(PARTS + EXTRA_PARTS):
+        p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS + EXTRA_PARTS))}")
     cfg = SETTINGS[args.setting]
     if args.layers is not None:
         cfg = replace(cfg, layers=args.layers)

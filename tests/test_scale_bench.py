@@ -67,3 +67,20 @@ def test_scale_smoke_tiny(tmp_path):
     text = "\n".join(scale.section(data))
     assert "## Scale" in text and "Not run — no GPU was available" in text
     assert "the gate comes from the gradient norm the Trainer takes" in text
+    assert "SAM bookkeeping by depth" not in text  # an extra part, measured only when named
+
+
+def test_scale_sam_bookkeeping_part_is_merged(tmp_path):
+    """The extra part: the in-place chain and the compiled passes timed on one optimizer, each against
+    the sync step, merged into an existing result with its own target rows and table."""
+    cfg = replace(scale.SETTINGS["tiny"], opt_rounds=1, train_rounds=1, only=("muon", "ars2_neo (k=5)"))
+    path = tmp_path / "scale.json"
+    scale.run_scale(cfg, torch.device("cpu"), "auto", path, "tiny")
+    result = scale.run_scale(cfg, torch.device("cpu"), "auto", path, "tiny", parts=("sam_bookkeeping",))
+    row = result["sam_bookkeeping"]["depths"]["1"]
+    assert row["n_params"] > row["matrix_params"] > 0
+    for path_name in scale.SAM_PATHS:
+        assert row[path_name]["median_ms"] > 0 and row[f"{path_name}_vs_step"] > 0
+    assert "sam_bookkeeping_compiled_1_layers" in result["summary"]["targets"]
+    text = "\n".join(scale.section(json.loads(path.read_text())))
+    assert "SAM bookkeeping by depth" in text and "| 1 |" in text
