@@ -689,14 +689,17 @@ def fused_sam_perturbation_(
             p.copy_(target.view(p.shape))
 
 
-def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor],
-                reduce: Reduce | None = None) -> tuple[list[Tensor], Tensor]:
+def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None,
+                out: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
     """Per tensor, the part of ``g_adv`` orthogonal to ``g``: ``s = g_adv − c·g`` with
-    ``c = ⟨g_adv,g⟩/(‖g‖²+1e-12)``; returns ``(s, c)`` (``c`` stacked, finite iff the inputs are)."""
+    ``c = ⟨g_adv,g⟩/(‖g‖²+1e-12)``, one pass each (into ``out`` where given, else new tensors); returns
+    ``(s, c)`` (``c`` stacked, finite iff the inputs are)."""
     if not adv_grads:
         return [], torch.zeros(0)
     coeffs = dots(adv_grads, base_grads, reduce) / (frobenius_norms(base_grads, reduce).square() + SHEAR_EPS)
-    return [ga - c.to(ga.dtype) * g for ga, g, c in zip(adv_grads, base_grads, coeffs.unbind())], coeffs
+    outs = out if out is not None else [None] * len(adv_grads)
+    return [torch.addcmul(ga, g, c.neg().to(ga.dtype), out=o)
+            for ga, g, c, o in zip(adv_grads, base_grads, coeffs.unbind(), outs)], coeffs
 
 
 def inject_shear(grads: list[Tensor], shears: list[Tensor], alpha: float | Tensor,

@@ -255,3 +255,23 @@ def test_compiled_sam_passes_match_the_in_place_chain(monkeypatch, dtype, grad_s
     assert syncs == 2
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)
+
+
+def test_later_sync_steps_write_the_shear_force_in_place():
+    """After the first sync step the new shear force is computed in the idle weight-copy buffer and
+    copied into the stored one: the same memory every sync step (no full-size tensor per sync step)."""
+    model = _model()
+    opt = hf_rmsuon.create_optimizer("ars2_neo", model, k=2)
+    pointers = []
+    for step in range(5):
+        _set_grads(model, step)
+        if opt.sam_pass_due():
+            opt.begin_sam_pass()
+            _set_grads(model, 50 + step)
+            opt.end_sam_pass()
+            opt.step()
+            pointers.append([opt.state[p]["shear"].data_ptr() for p in model.parameters()])
+        else:
+            opt.step()
+    assert len(pointers) == 3 and pointers[0] == pointers[1] == pointers[2]
+    assert opt.state[next(model.parameters())]["shear"].abs().sum() > 0

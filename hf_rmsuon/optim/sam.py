@@ -422,23 +422,35 @@ class ARS(AdaRMSuon):
         params = [p for _, ps, _ in gathered for p in ps if id(p) in base]
         adv = self._in_state_dtype(params, [F.local(p.grad) for p in params])
         base_grads = self._in_state_dtype(params, [base[id(p)] for p in params])
-        shears, coefficients = F.shear_force(adv, base_grads, self._reduce())
+        shears, coefficients = F.shear_force(adv, base_grads, self._reduce(), [self._shear_scratch(p) for p in params])
         if finite is not None and params:
             finite = finite & torch.isfinite(coefficients.sum())
         return {id(p): s for p, s in zip(params, shears)}, finite
+
+    def _shear_scratch(self, p: Tensor) -> Tensor | None:
+        """Where to compute ``p``'s new shear force when an old one is stored: the weight-copy buffer, idle
+        after the restore (it becomes the stored force by a copy in :meth:`_after_sync`, so a sync step
+        allocates nothing); ``None`` (a new tensor, which is stored) for the first one."""
+        old, scratch = self.state[p].get("shear"), self._buffers.get((id(p), "weights"))
+        if old is None or scratch is None or scratch.dtype != old.dtype or scratch.shape != F.local(old).shape:
+            return None
+        return scratch
 
     def _after_sync(self, plan: dict[str, Any], shears: dict[int, Tensor], keep: Tensor | None) -> None:
         """Commit a sync step: the schedule, the shear forces and ASI's ρ (state writes gated by ``keep``)."""
         assert self._pass is not None
         self.sam.update(last_sync=plan["t"], syncs=self.sam["syncs"] + 1, prev_lazy=False)
         for p in (p for group in self.param_groups for p in group["params"] if id(p) in shears):
-            s = shears[id(p)]
-            if keep is not None:  # a skipped sync step keeps the previous shear force (none yet: zero)
-                old = self.state[p].get("shear")
-                if old is not None:
-                    torch.where(keep, s, F.local(old), out=s)
+            s, old = shears[id(p)], self.state[p].get("shear")
+            if old is not None:  # into the stored force; a skipped sync step keeps it
+                stored = F.local(old)
+                if keep is not None:
+                    torch.where(keep, s, stored, out=stored)
                 else:
-                    s.masked_fill_(keep.logical_not(), 0.0)
+                    stored.copy_(s)
+                continue
+            if keep is not None:  # a skipped first sync step stores zero
+                s.masked_fill_(keep.logical_not(), 0.0)
             self.state[p]["shear"] = self.sharding.like(p, s) if self.sharding is not None else s
         self._shear_norms = None  # ‖s‖, taken once by the first lazy step after this sync
         loss, adv_loss = self._pass.get("loss"), self._pass.get("adv_loss")
