@@ -224,6 +224,20 @@ def scenario_sam(rank: int) -> dict:
     out["neo_rel"] = max(float((full(x) - y.detach()).norm() / y.detach().norm().clamp_min(1e-12))
                          for x, y in zip(a.parameters(), b.parameters()))
     out["neo_syncs"] = (opt_a.sam["syncs"], opt_b.sam["syncs"])
+    # compile=True's fused perturbation passes (row norms gathered like the in-place chain's); the
+    # Newton–Schulz kernel stays eager here, it is not what is under test
+    from hf_rmsuon import functional as F
+
+    compiled_ns, F.compiled_newton_schulz = F.compiled_newton_schulz, lambda: F.newton_schulz
+    try:
+        a_c, _ = run_closure("ars2_neo", True, steps=4, compile=True, **hp)
+        b_c, _ = run_closure("ars2_neo", False, steps=4, compile=True, **hp)
+    finally:
+        F.compiled_newton_schulz = compiled_ns
+    out["neo_compiled_rel"] = max(float((full(x) - y.detach()).norm() / y.detach().norm().clamp_min(1e-12))
+                                  for x, y in zip(a_c.parameters(), b_c.parameters()))
+    out["compiled_vs_eager_rel"] = max(float((x - y).detach().norm() / y.detach().norm().clamp_min(1e-12))
+                                       for x, y in zip(b_c.parameters(), b.parameters()))
 
     for accumulate in (1, 2):
         out[f"adv_rel_{accumulate}"], out[f"restored_{accumulate}"] = _sam_against_hand_computed(accumulate)
@@ -409,6 +423,10 @@ def test_sam_under_fsdp2(results):
         # the SAM reductions (‖N‖, φ, shear coefficients, injection norms) sum per-row results in row
         # order, gathered from the shards: bit-identical to the unsharded run
         assert r["neo_rel"] == 0.0 and r["neo_syncs"][0] == r["neo_syncs"][1]
+        # compile=True: each process compiles its kernels for the sizes it sees first (here its shards), and
+        # their row sums round differently from the eager ones and from another process's: sharded =
+        # unsharded to float32 rounding, not bit for bit (seen: rank 0 identical, rank 1 1.9e-5 after 4 steps)
+        assert r["neo_compiled_rel"] < 1e-4 and r["compiled_vs_eager_rel"] < 1e-4, r
         for accumulate in (1, 2):
             assert r[f"adv_rel_{accumulate}"] < 1e-4, r
             assert r[f"restored_{accumulate}"]
