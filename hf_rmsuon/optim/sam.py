@@ -290,7 +290,7 @@ class ARS(AdaRMSuon):
         weights = [self._buffer(p, "weights", v) for p, v in zip(params, values)]
         second_moments, eps, factors = self._previous_second_moments(params, [g for _, g in perturbed])
         if grad_scale:
-            factors = factors / grad_scale  # N from the unscaled gradient, so that ε keeps its meaning
+            factors = factors / grad_scale  # N of the unscaled gradient (e is invariant to it; ‖N‖² stays in range)
         device = values[0].device if values else torch.device("cpu")
         exact = torch.float32 if device.type == "mps" else torch.float64
         rhos = F.constant_vector(tuple(group["rho"] for _, group in perturbed), device, exact)
