@@ -572,6 +572,11 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_perturb_norm(perturb_norm: str) -> None:
+    if perturb_norm not in ("global", "per_tensor"):
+        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+
+
 def sam_perturbation_(
     grads: list[Tensor],
     denoms: list[Tensor | None],
@@ -591,8 +596,7 @@ def sam_perturbation_(
     ``N_i = f_i·Ñ_i`` and the factor goes into ``c_i`` and ``‖N‖`` instead of a pass over the tensor.
     ``ρ`` is per tensor (its param group's; floats, or a vector on the device when ASI adapts it);
     ``‖N‖`` is taken over all the given tensors ("global") or is each tensor's own ("per_tensor")."""
-    if perturb_norm not in ("global", "per_tensor"):
-        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+    _check_perturb_norm(perturb_norm)
     if not grads:
         return [], torch.zeros(0)
     divided = [i for i, d in enumerate(denoms) if d is not None]
@@ -672,8 +676,7 @@ def fused_sam_perturbation_(
     ``Ñ_i = g/(√v_i+ε_i)`` (⊙|p|) with ``√v̂+ε = (√v_i+ε_i)/f_i`` (``f_i`` = ``denom_factors``; a
     ``None`` second moment: ``Ñ = g``, ``f_i = 1``); ``eps``: the ``ε_i``, one per tensor on the device.
     ``grads`` are left unchanged; every tensor is local (FSDP2 shards: row reductions via ``reduce``)."""
-    if perturb_norm not in ("global", "per_tensor"):
-        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
+    _check_perturb_norm(perturb_norm)
     if not params:
         return
     row_square_norms, perturb_rows_ = _compiled_perturbation_kernels()
@@ -683,7 +686,7 @@ def fused_sam_perturbation_(
         rows = reduce(rows)
     scales = perturbation_scales(torch.stack([r.sum() for r in rows]).sqrt(), rhos, perturb_norm, denom_factors)
     for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):
-        target = _rows(p) if p.is_contiguous() else _rows(p.contiguous())  # the kernel writes through a view
+        target = _rows(p)  # a view of p where p is contiguous, else of a copy (written back below)
         perturb_rows_(target, _rows(g), None if v is None else _rows(v), e, c, adaptive)
         if not p.is_contiguous():
             p.copy_(target.view(p.shape))
