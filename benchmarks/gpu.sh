@@ -7,8 +7,8 @@
 #      the family's Newton–Schulz in bf16 and in fp32 (peers: bf16 as shipped and fp32 rows in both runs);
 #   3. the FSDP2 (DTensor) path on CUDA with NCCL at world size 1 (benchmarks/fsdp2.py);
 #   4. a kernel-time profile of SAM's bookkeeping and the AdamW track (benchmarks/kernel_profile.py);
-#   5. SAM's bookkeeping, in-place chain vs compile=True's fused passes (Triton), at 2 and 28 layers
-#      (scale.py's sam_bookkeeping part, merged into the bf16 result).
+#   5. SAM's bookkeeping at 2 and 28 layers: the in-place chain, compile=True (fused passes for large
+#      tensors, Triton) and the fused passes forced onto all (scale.py's sam_bookkeeping part, sam_cuda.json).
 # Each stage has its own time limit and writes as it goes, so a stage that runs out keeps what it measured
 # and the next one still runs. The card's name is recorded in each result file (environment.gpu) and at the
 # top of the test log; `python -m benchmarks.run --setting full --only report` puts the numbers into
@@ -57,7 +57,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
 fi
 if [[ " $STAGES " == *" sam "* ]]; then
   timeout "$LIMIT_SAM" "$PY" -m benchmarks.scale --device cuda --ns_dtype bfloat16 --setting "$SETTING" \
-    --parts sam_bookkeeping --json "$OUT/scale_cuda_bfloat16.json" 2>&1 | tee -a "$OUT/scale_cuda.log" \
+    --parts sam_bookkeeping --json "$OUT/sam_cuda.json" 2>&1 | tee -a "$OUT/scale_cuda.log" \
     || echo "gpu.sh: sam bookkeeping exit $?"
 fi
 echo "gpu.sh: done in $((SECONDS - start)) s on $CARD (tests exit $status); results in $OUT"

@@ -637,7 +637,9 @@ def bench_optimizer_step(cfg: ScaleSetting, device: torch.device, ns_dtype: str)
 
 #: Qwen3-0.6B's own depth: the SAM bookkeeping is also measured there (the 2-layer model is 83% embedding)
 DEPTH_LAYERS = 28
-SAM_PATHS = ("in_place", "compiled")
+#: compile=False; compile=True as shipped (fused passes where ``F.fuses_sam_passes``, else the chain); and
+#: the fused passes forced onto every tensor — measured only where that differs from compile=True
+SAM_PATHS = ("in_place", "compiled", "fused")
 
 
 def bench_sam_bookkeeping(cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
@@ -655,6 +657,7 @@ def bench_sam_bookkeeping(cfg: ScaleSetting, device: torch.device, ns_dtype: str
 
 def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns_dtype: str) -> dict[str, Any]:
     import hf_rmsuon
+    from hf_rmsuon import functional as F
 
     model = build_model(layers, cfg.tiny, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -663,12 +666,17 @@ def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns
         p.grad = grads[id(p)].clone()
     opt = hf_rmsuon.create_optimizer("ars", model, k=1, **({} if ns_dtype == "auto" else {"ns_dtype": ns_dtype}))
 
+    routing = F.FUSED_SAM_MIN_NUMEL
+    paths = SAM_PATHS if routing.get(device.type) != 0 else SAM_PATHS[:2]
+
     def bookkeeping(path: str) -> float:
-        # the same optimizer state both ways: only the SAM path differs (compile=False keeps the NS eager)
+        # the same optimizer state every way: only the SAM path differs (compile=False keeps the NS eager)
         opt.reset_sam_pass()
         for p in params:
             p.grad.copy_(grads[id(p)])
-        opt.defaults["compile"] = path == "compiled"
+        opt.defaults["compile"] = path != "in_place"
+        if path == "fused":
+            F.FUSED_SAM_MIN_NUMEL = {**routing, device.type: 0}
         try:
             assert opt.sam_pass_due()
             seconds = timed(opt.begin_sam_pass, device)
@@ -677,6 +685,7 @@ def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns
             return seconds + timed(opt.end_sam_pass, device)
         finally:
             opt.defaults["compile"] = False
+            F.FUSED_SAM_MIN_NUMEL = routing
 
     rounds, warmup = (cfg.opt_rounds, cfg.opt_warmup) if layers == cfg.layers else (3, 1)
     bookkeeping("in_place")  # a first step, untimed: the moments exist from here on (ε, √v in N)
@@ -686,7 +695,7 @@ def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns
     gc.disable()
     try:
         for r in range(warmup + rounds):  # the first round also compiles the fused passes
-            order = SAM_PATHS if r % 2 == 0 else SAM_PATHS[::-1]
+            order = paths if r % 2 == 0 else paths[::-1]
             sample: dict[str, Any] = {path: bookkeeping(path) for path in order}
             sample["step"] = timed(opt.step, device)  # the sync step's update from the recorded pass
             if r >= warmup:
@@ -697,10 +706,11 @@ def _sam_bookkeeping_at(layers: int, cfg: ScaleSetting, device: torch.device, ns
     row: dict[str, Any] = {"layers": layers, "n_params": sum(p.numel() for p in params),
                            "matrix_params": sum(p.numel() for p in split_tracks(model)[0]),
                            "samples": samples, "step": _stats([s["step"] for s in samples])}
-    for path in SAM_PATHS:
+    for path in paths:
         row[path] = _stats([s[path] for s in samples])
         row[f"{path}_vs_step"] = statistics.median(s[path] / s["step"] for s in samples)
-    row["compiled_vs_in_place"] = statistics.median(s["compiled"] / s["in_place"] for s in samples)
+        if path != "in_place":
+            row[f"{path}_vs_in_place"] = statistics.median(s[path] / s["in_place"] for s in samples)
     return row
 
 
@@ -841,10 +851,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if "sam_bookkeeping" in result:
         depths = result["sam_bookkeeping"]["depths"]
         out["sam_bookkeeping"] = {layers: {k: row[k] for k in ("in_place_vs_step", "compiled_vs_step",
-                                                                 "compiled_vs_in_place")}
+                                                                 "compiled_vs_in_place", "fused_vs_step",
+                                                                 "fused_vs_in_place") if k in row}
                                   for layers, row in depths.items()}
         for layers, row in depths.items():
-            for path in SAM_PATHS:
+            for path in SAM_PATHS[:2]:  # the shipped paths
                 value = row[f"{path}_vs_step"]
                 targets[f"sam_bookkeeping_{path}_{layers}_layers"] = {"value": value, "target": 0.05, "op": "<=",
                                                                        "met": value <= 0.05}
@@ -948,6 +959,10 @@ def run(setting: str, paths: common.Paths, **_: Any) -> dict[str, Any]:
     return run_scale(cfg, torch.device("cpu"), "auto", paths.result(NAME), setting)
 
 
+#: gpu.sh's "sam" stage writes the SAM bookkeeping on CUDA here (beside the scale runs, not merged into them)
+SAM_CUDA_FILE = "sam_cuda.json"
+
+
 def gpu_results(results: Path) -> list[dict[str, Any]]:
     """The CUDA runs of ``benchmarks/gpu.sh`` recorded beside ``scale.json`` (``scale_cuda_*.json``)."""
     return [common.read_json(p) for p in sorted(Path(results).glob("scale_cuda_*.json"))]
@@ -993,15 +1008,24 @@ def sam_bookkeeping_table(data: dict[str, Any]) -> list[str]:
     if "sam_bookkeeping" not in data:
         return []
     out = ["", "SAM bookkeeping by depth (`ars`, k=1; `begin_sam_pass` + `end_sam_pass` of one optimizer, its "
-           "in-place chain and its `compile=True` fused passes timed alternately on the same state, each ÷ the "
-           "sync step of the same round; medians):", "",
-           "| layers | parameters | matrix track | sync step | in-place chain | compiled passes | compiled ÷ in-place |",
-           "|---|---|---|---|---|---|---|"]
+           "in-place chain (`compile=False`), `compile=True` (fused passes for the tensors `F.fuses_sam_passes` "
+           "picks on this device, the chain for the rest) and, where that is not every tensor, the fused passes "
+           "forced onto all, timed alternately on the same state, each ÷ the sync step of the same round; "
+           "medians):", "",
+           "| layers | parameters | matrix track | sync step | in-place chain | `compile=True` | all fused "
+           "| `compile=True` ÷ in-place |",
+           "|---|---|---|---|---|---|---|---|"]
+    def duration(stats: dict[str, float]) -> str:
+        ms = stats["median_ms"]
+        return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+
     for layers, row in data["sam_bookkeeping"]["depths"].items():
         out.append(f"| {layers} | {row['n_params'] / 1e6:.0f} M | {100 * row['matrix_params'] / row['n_params']:.0f}% "
-                   f"| {row['step']['median_ms'] / 1e3:.2f} s | {row['in_place']['median_ms'] / 1e3:.2f} s "
-                   f"({100 * row['in_place_vs_step']:.1f}%) | {row['compiled']['median_ms'] / 1e3:.2f} s "
-                   f"({100 * row['compiled_vs_step']:.1f}%) | {row['compiled_vs_in_place']:.2f} |")
+                   f"| {duration(row['step'])} | {duration(row['in_place'])} ({100 * row['in_place_vs_step']:.1f}%) "
+                   f"| {duration(row['compiled'])} ({100 * row['compiled_vs_step']:.1f}%) "
+                   + (f"| {duration(row['fused'])} ({100 * row['fused_vs_step']:.1f}%) " if "fused" in row
+                      else "| = `compile=True` ")
+                   + f"| {row['compiled_vs_in_place']:.2f} |")
     return out + [""]
 
 
@@ -1172,6 +1196,14 @@ def gpu_section(results: Path | None) -> list[str]:
                     f"{n.replace('_', ' ')} {_f(v['value'])} ({v['op']} {v['target']}: "
                     f"{'met' if v['met'] else '**missed**'})" for n, v in s["targets"].items()) + ".", ""]
         out += sam_bookkeeping_table(run)
+    sam_file = results / SAM_CUDA_FILE
+    if sam_file.is_file():  # gpu.sh's "sam" stage: its own process, perhaps another card or commit
+        sam = common.read_json(sam_file)
+        env = sam["environment"]
+        out += [f"SAM bookkeeping on **{env.get('gpu', 'a GPU')}** (`gpu.sh`'s \"sam\" stage, `results/{SAM_CUDA_FILE}`; "
+                f"torch {env['torch']}, {env['date']}, git {env['hf_rmsuon_git']}"
+                f"{' + uncommitted changes' if env['hf_rmsuon_dirty'] else ''}; NS {sam['ns_compute_dtype']})."]
+        out += sam_bookkeeping_table(sam)
     profile = results / "kernel_profile_cuda.txt"
     if profile.is_file():
         k = kernel_times(profile)
@@ -1186,9 +1218,9 @@ def gpu_section(results: Path | None) -> list[str]:
                     f"{step_ms:.1f} ms for the whole bf16 step: on a GPU Newton–Schulz takes a few milliseconds "
                     "while each elementwise pass over the 187 M values costs ~0.4 ms of memory traffic, so exact "
                     "SAM's passes over every parameter (eleven in that profile; ten since the bias correction rides on "
-                    "ε) weigh about as much as the step itself. `compile=True` now fuses the perturbation's "
-                    "chain into two passes (measured on a CPU: 0.65–0.68× the in-place chain's time); on a GPU "
-                    "that is `gpu.sh`'s \"sam\" stage, not run yet.",
+                    "ε) weigh about as much as the step itself. `compile=True` replaces the chain with two fused passes "
+                    "for large tensors (`F.FUSED_SAM_MIN_NUMEL`; on a CPU for all): the SAM table above, where "
+                    "`gpu.sh`'s \"sam\" stage ran.",
                     ""]
     log = results / "gpu_tests.log"
     if log.is_file():

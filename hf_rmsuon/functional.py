@@ -577,6 +577,23 @@ def _check_perturb_norm(perturb_norm: str) -> None:
         raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
 
 
+def sam_directions_(grads: list[Tensor], denoms: list[Tensor | None], params: list[Tensor],
+                    adaptive: bool) -> list[Tensor]:
+    """``Ñ_i = g/denom_i`` (``g`` where ``None``), ``⊙|p|`` when ``adaptive`` — **in place** in ``grads``
+    (returned), the spent denominators reused as scratch for ``|p|`` (embeddings are most of an LLM's
+    parameters; a fresh full-size temporary costs more than an in-place pass)."""
+    divided = [i for i, d in enumerate(denoms) if d is not None]
+    if divided:
+        torch._foreach_div_([grads[i] for i in divided], [denoms[i] for i in divided])
+    if adaptive:
+        for n, p, d in zip(grads, params, denoms):
+            if d is None or d.shape != p.shape:
+                n.mul_(p.abs())
+            else:  # |p| into the spent denominator (converting bf16/fp16 weights to the state dtype)
+                n.mul_(torch.abs(p, out=d) if d.dtype == p.dtype else d.copy_(p).abs_())
+    return grads
+
+
 def sam_perturbation_(
     grads: list[Tensor],
     denoms: list[Tensor | None],
@@ -588,34 +605,25 @@ def sam_perturbation_(
     denom_factors: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``, as ``(Ñ, c)`` with ``e_i = c_i·Ñ_i`` — ``Ñ`` computed **in place**
-    in ``grads``, and the given denominators reused as scratch for ``|p|`` (embeddings are most of an
-    LLM's parameters; a fresh full-size temporary costs more than an in-place pass); the scaling is
-    left to :func:`apply_perturbation_`, which folds it into ``w ← w + e``. ``denom_factors``: per
-    tensor ``f_i`` with ``√v̂+ε = denom_i/f_i`` (:func:`folded_rms_denominators`; 1 where ``None``), so
-    ``N_i = f_i·Ñ_i`` and the factor goes into ``c_i`` and ``‖N‖`` instead of a pass over the tensor.
-    ``ρ`` is per tensor (its param group's; floats, or a vector on the device when ASI adapts it);
-    ``‖N‖`` is taken over all the given tensors ("global") or is each tensor's own ("per_tensor")."""
+    times ``|p|`` when ``adaptive``, as ``(Ñ, c)`` with ``e_i = c_i·Ñ_i`` — ``Ñ`` computed in place in
+    ``grads`` (:func:`sam_directions_`); the scaling is left to :func:`apply_perturbation_`, which folds
+    it into ``w ← w + e``. ``denom_factors``: per tensor ``f_i`` with ``√v̂+ε = denom_i/f_i``
+    (:func:`folded_rms_denominators`; 1 where ``None``), so ``N_i = f_i·Ñ_i`` and the factor goes into
+    ``c_i`` and ``‖N‖`` instead of a pass over the tensor. ``ρ`` is per tensor (its param group's;
+    floats, or a vector on the device when ASI adapts it); ``‖N‖`` is taken over all the given tensors
+    ("global") or is each tensor's own ("per_tensor")."""
     _check_perturb_norm(perturb_norm)
     if not grads:
         return [], torch.zeros(0)
-    divided = [i for i, d in enumerate(denoms) if d is not None]
-    if divided:
-        torch._foreach_div_([grads[i] for i in divided], [denoms[i] for i in divided])
-    if adaptive:
-        for n, p, d in zip(grads, params, denoms):
-            if d is None or d.shape != p.shape:
-                n.mul_(p.abs())
-            else:  # |p| into the spent denominator (converting bf16/fp16 weights to the state dtype)
-                n.mul_(torch.abs(p, out=d) if d.dtype == p.dtype else d.copy_(p).abs_())
-    norms = frobenius_norms(grads, reduce)  # ‖Ñ_i‖
-    return grads, perturbation_scales(norms, rhos, perturb_norm, denom_factors)
+    directions = sam_directions_(grads, denoms, params, adaptive)
+    return directions, perturbation_scales(frobenius_norms(directions, reduce), rhos, perturb_norm, denom_factors)
 
 
 def perturbation_scales(norms: Tensor, rhos: list[float] | Tensor, perturb_norm: str,
                         denom_factors: Tensor | None = None) -> Tensor:
     """The per-tensor ``c_i`` of ``e_i = c_i·Ñ_i``: ``ρ_i·f_i/(‖N‖+1e-12)`` with ``‖N_i‖ = f_i·‖Ñ_i‖``
     (``norms``: ``‖Ñ_i‖``; ``f_i`` = ``denom_factors``, 1 where ``None``), ``‖N‖`` global or per tensor."""
+    _check_perturb_norm(perturb_norm)
     rho = rhos.to(norms.device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
         tuple(rhos), norms.device, torch.float32)
     if denom_factors is not None:
@@ -653,10 +661,50 @@ def _perturb_rows_(p: Tensor, g: Tensor, v: Tensor | None, eps: Tensor, scale: T
     p.copy_((p.float() + scale * _perturbation_direction(g, v, p, eps, adaptive)).to(p.dtype))
 
 
+# Where ``compile=True`` routes a tensor's SAM perturbation through the fused passes: the smallest local
+# size per device kind (absent kinds: never). Measured (benchmarks/scale.py's sam_bookkeeping part, Qwen3-0.6B
+# shapes): on a CPU the fused passes take 0.65–0.68× the in-place chain's time at every size; on a GPU the
+# fused passes over the 151,936×1,024 embedding took 0.45× the chain's time (H200), but each compiled call
+# covers one tensor and costs the host ~90 µs, so 308 layer tensors took 2.7× the chain's (host-bound both
+# ways) — the break-even is near 10 M values.
+FUSED_SAM_MIN_NUMEL: dict[str, int] = {"cpu": 0, "cuda": 1 << 24}
+
+
+def fuses_sam_passes(t: Tensor) -> bool:
+    """Whether ``compile=True`` perturbs ``t`` (a local tensor) in the fused passes (:data:`FUSED_SAM_MIN_NUMEL`)."""
+    least = FUSED_SAM_MIN_NUMEL.get(t.device.type)
+    return least is not None and t.numel() >= least
+
+
 @functools.cache
 def _compiled_perturbation_kernels() -> tuple[Callable[..., Tensor], Callable[..., None]]:
     # dynamic shapes: one kernel per pass serves every tensor (as rows × columns)
     return (torch.compile(_direction_row_square_norms, dynamic=True), torch.compile(_perturb_rows_, dynamic=True))
+
+
+def fused_direction_norms(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor | None],
+                          eps: Tensor, adaptive: bool, reduce: Reduce | None = None) -> Tensor:
+    """``‖Ñ_i‖`` per tensor (stacked), one ``torch.compile``-d pass each by rows (reads ``g``, ``v``, ``p``;
+    ``Ñ`` is never stored). ``Ñ_i = g/(√v_i+ε_i)`` (⊙|p|; ``g`` for a ``None`` second moment); ``eps``: the
+    ``ε_i``, one per tensor on the device; every tensor local (FSDP2 shards: rows summed via ``reduce``)."""
+    row_square_norms, _ = _compiled_perturbation_kernels()
+    rows = [row_square_norms(_rows(g), None if v is None else _rows(v), _rows(p), e, adaptive)
+            for p, g, v, e in zip(params, grads, exp_avg_sqs, eps.unbind())]
+    if reduce is not None:
+        rows = reduce(rows)
+    return torch.stack([r.sum() for r in rows]).sqrt()
+
+
+def fused_perturb_(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor | None], eps: Tensor,
+                   scales: Tensor, adaptive: bool) -> None:
+    """``w ← w + c_i·Ñ_i`` recomputing ``Ñ_i`` (as :func:`fused_direction_norms`), one ``torch.compile``-d
+    pass per tensor: reads ``g``, ``v``, ``p``, writes ``p`` once."""
+    _, perturb_rows_ = _compiled_perturbation_kernels()
+    for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):
+        target = _rows(p)  # a view of p where p is contiguous, else of a copy (written back below)
+        perturb_rows_(target, _rows(g), None if v is None else _rows(v), e, c, adaptive)
+        if not p.is_contiguous():
+            p.copy_(target.view(p.shape))
 
 
 def fused_sam_perturbation_(
@@ -671,25 +719,15 @@ def fused_sam_perturbation_(
     reduce: Reduce | None = None,
 ) -> None:
     """``w ← w + e`` (as :func:`sam_perturbation_` + :func:`apply_perturbation_`) in two ``torch.compile``-d
-    passes per tensor: ``‖Ñ‖`` per row (reads ``g``, ``v``, ``p``), then ``w += c·Ñ`` recomputing ``Ñ``
-    (the same reads, one write) — the in-place chain takes about twice the memory traffic. Here
-    ``Ñ_i = g/(√v_i+ε_i)`` (⊙|p|) with ``√v̂+ε = (√v_i+ε_i)/f_i`` (``f_i`` = ``denom_factors``; a
-    ``None`` second moment: ``Ñ = g``, ``f_i = 1``); ``eps``: the ``ε_i``, one per tensor on the device.
-    ``grads`` are left unchanged; every tensor is local (FSDP2 shards: row reductions via ``reduce``)."""
+    passes per tensor: ``‖Ñ‖`` (:func:`fused_direction_norms`), then ``w += c·Ñ`` (:func:`fused_perturb_`)
+    — the in-place chain takes about twice the memory traffic. ``√v̂+ε = (√v_i+ε_i)/f_i`` (``f_i`` =
+    ``denom_factors``; ``f_i = 1`` without a second moment). ``grads`` are left unchanged."""
     _check_perturb_norm(perturb_norm)
     if not params:
         return
-    row_square_norms, perturb_rows_ = _compiled_perturbation_kernels()
-    rows = [row_square_norms(_rows(g), None if v is None else _rows(v), _rows(p), e, adaptive)
-            for p, g, v, e in zip(params, grads, exp_avg_sqs, eps.unbind())]
-    if reduce is not None:
-        rows = reduce(rows)
-    scales = perturbation_scales(torch.stack([r.sum() for r in rows]).sqrt(), rhos, perturb_norm, denom_factors)
-    for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):
-        target = _rows(p)  # a view of p where p is contiguous, else of a copy (written back below)
-        perturb_rows_(target, _rows(g), None if v is None else _rows(v), e, c, adaptive)
-        if not p.is_contiguous():
-            p.copy_(target.view(p.shape))
+    norms = fused_direction_norms(params, grads, exp_avg_sqs, eps, adaptive, reduce)
+    fused_perturb_(params, grads, exp_avg_sqs, eps, perturbation_scales(norms, rhos, perturb_norm, denom_factors),
+                   adaptive)
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None,

@@ -257,6 +257,40 @@ def test_compiled_sam_passes_match_the_in_place_chain(monkeypatch, dtype, grad_s
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("least", [0, 100, None], ids=["all-fused", "by-size", "chain-only"])
+def test_compile_routes_sam_passes_by_size_and_device_kind(monkeypatch, least):
+    """``compile=True`` perturbs the tensors ``F.fuses_sam_passes`` picks (by device kind and size,
+    ``F.FUSED_SAM_MIN_NUMEL``) in the fused passes and the rest in the in-place chain, under one global
+    ``‖N‖``: the run agrees with ``compile=False`` to rounding, and where no tensor is picked it is that
+    run bit for bit."""
+    monkeypatch.setattr(F, "compiled_newton_schulz", lambda: F.newton_schulz)
+    monkeypatch.setattr(F, "FUSED_SAM_MIN_NUMEL", {} if least is None else {"cpu": least})
+    fused_sizes = []
+    fused_perturb = F.fused_perturb_
+    monkeypatch.setattr(F, "fused_perturb_", lambda params, *a: fused_sizes.extend(p.numel() for p in params)
+                        or fused_perturb(params, *a))
+    models = [_model(), _model()]
+    opts = [hf_rmsuon.create_optimizer("ars", m, k=1, rho=0.05, compile=c) for m, c in zip(models, (False, True))]
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            _set_grads(model, step)
+            assert opt.sam_pass_due()  # k=1: every step
+            opt.begin_sam_pass()
+            _set_grads(model, 100 + step)
+            opt.end_sam_pass()
+            opt.step()
+    sizes = sorted(p.numel() for p in models[0].parameters())
+    expected = [] if least is None else [n for n in sizes if n >= least]
+    assert sorted(fused_sizes) == sorted(expected * 3)
+    if least == 100:
+        assert 0 < len(expected) < len(sizes)  # both paths in one perturbation
+    for a, b in zip(*(m.parameters() for m in models)):
+        if least is None:  # the chain is the compile=False run itself
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_later_sync_steps_write_the_shear_force_in_place():
     """After the first sync step the new shear force is computed in the idle weight-copy buffer and
     copied into the stored one: the same memory every sync step (no full-size tensor per sync step)."""

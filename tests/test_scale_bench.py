@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from benchmarks import scale
+from hf_rmsuon import functional as F
 
 
 def test_host_sync_counter_counts_known_reads_and_restores_torch():
@@ -70,17 +72,26 @@ def test_scale_smoke_tiny(tmp_path):
     assert "SAM bookkeeping by depth" not in text  # an extra part, measured only when named
 
 
-def test_scale_sam_bookkeeping_part_is_merged(tmp_path):
-    """The extra part: the in-place chain and the compiled passes timed on one optimizer, each against
-    the sync step, merged into an existing result with its own target rows and table."""
+@pytest.mark.parametrize("routing", [None, {"cpu": 1 << 40}], ids=["cpu-fuses-all", "cpu-fuses-none"])
+def test_scale_sam_bookkeeping_part_is_merged(tmp_path, monkeypatch, routing):
+    """The extra part: the in-place chain, compile=True and (where compile=True does not fuse every
+    tensor) the fused passes forced on, timed on one optimizer, each against the sync step, merged into an
+    existing result with its own target rows and table."""
+    if routing is not None:
+        monkeypatch.setattr(F, "FUSED_SAM_MIN_NUMEL", routing)
     cfg = replace(scale.SETTINGS["tiny"], opt_rounds=1, train_rounds=1, only=("muon", "ars2_neo (k=5)"))
     path = tmp_path / "scale.json"
     scale.run_scale(cfg, torch.device("cpu"), "auto", path, "tiny")
     result = scale.run_scale(cfg, torch.device("cpu"), "auto", path, "tiny", parts=("sam_bookkeeping",))
     row = result["sam_bookkeeping"]["depths"]["1"]
     assert row["n_params"] > row["matrix_params"] > 0
+    measured = scale.SAM_PATHS if routing else scale.SAM_PATHS[:2]
     for path_name in scale.SAM_PATHS:
+        assert (path_name in row) == (path_name in measured), path_name
+    for path_name in measured:
         assert row[path_name]["median_ms"] > 0 and row[f"{path_name}_vs_step"] > 0
     assert "sam_bookkeeping_compiled_1_layers" in result["summary"]["targets"]
+    assert F.FUSED_SAM_MIN_NUMEL == (routing or {"cpu": 0, "cuda": 1 << 24})  # restored after the "fused" path
     text = "\n".join(scale.section(json.loads(path.read_text())))
     assert "SAM bookkeeping by depth" in text and "| 1 |" in text
+    assert ("= `compile=True`" in text) == (routing is None)

@@ -280,6 +280,8 @@ class ARS(AdaRMSuon):
             raise RuntimeError("begin_sam_pass() called twice for one step")
         with_grad = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
+        if self.defaults["compile"]:  # the tensors for the fused passes last (the sort is stable)
+            perturbed.sort(key=lambda pg: F.fuses_sam_passes(F.local(pg[0])))
         params = [p for p, _ in perturbed]
         values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
         all_params = [p for p, _ in with_grad]
@@ -297,27 +299,36 @@ class ARS(AdaRMSuon):
         scale = self.sam["rho_scale"]  # ASI's factor: a device tensor once adapted
         if isinstance(scale, Tensor) or scale != 1.0:
             rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
-        adaptive, perturb_norm = self.defaults["adaptive"], self.defaults["perturb_norm"]
-        if self.defaults["compile"]:  # two fused passes; the gradients stay as they are until zeroed below
-            if weights:
-                torch._foreach_copy_(weights, values)
-            F.fused_sam_perturbation_(values, [F.local(p.grad) for p in params], second_moments, eps, factors,
-                                      rhos, adaptive, perturb_norm, self._reduce())  # w ← w + e
-        else:
-            # e is built in the gradients' memory (zeroed for the replay below anyway); the weight-copy
-            # buffers serve as scratch for √v+ε' and |p| before they receive the weights
-            work = self._in_state_dtype(params, [F.local(p.grad) for p in params])
-            scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
-            denoms = F.folded_rms_denominators(second_moments, eps, scratch)
-            directions, scales = F.sam_perturbation_(work, denoms, values, rhos, adaptive, perturb_norm,
-                                                     self._reduce(), factors)
-            if weights:
-                torch._foreach_copy_(weights, values)
-            F.apply_perturbation_(values, directions, scales)  # w ← w + e
+        if values:
+            self._perturb(params, values, weights, second_moments, eps, factors, rhos)  # w ← w + e
         self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
         for p in all_params:
             F.local(p.grad).zero_()
         self._reshard()
+
+    def _perturb(self, params: list[Tensor], values: list[Tensor], weights: list[Tensor],
+                 second_moments: list[Tensor | None], eps: Tensor, factors: Tensor, rhos: Tensor) -> None:
+        """Copy the weights into ``weights`` and move them to ``w + e``. Without ``compile`` the in-place
+        chain; with it, the tensors where :func:`F.fuses_sam_passes` (the last ones) take two fused passes
+        that never store ``Ñ``, the rest the chain, under one ``‖N‖``."""
+        adaptive, perturb_norm, reduce = self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce()
+        split = sum(not F.fuses_sam_passes(v) for v in values) if self.defaults["compile"] else len(values)
+        grads = [F.local(p.grad) for p in params]
+        # the chain: Ñ is built in the gradients' memory (zeroed for the replay anyway); the weight-copy
+        # buffers serve as scratch for √v+ε' and |p| before they receive the weights
+        work = self._in_state_dtype(params[:split], grads[:split])
+        scratch = [w if w.dtype == g.dtype else None for w, g in zip(weights, work)]
+        directions = F.sam_directions_(work, F.folded_rms_denominators(second_moments[:split], eps[:split], scratch),
+                                       values[:split], adaptive)
+        norms = [F.frobenius_norms(directions, reduce)] if directions else []
+        if split < len(values):  # the fused passes read g, v and p; the gradients stay as they are
+            norms.append(F.fused_direction_norms(values[split:], grads[split:], second_moments[split:], eps[split:],
+                                                 adaptive, reduce))
+        scales = F.perturbation_scales(torch.cat(norms), rhos, perturb_norm, factors)
+        if weights:
+            torch._foreach_copy_(weights, values)
+        F.apply_perturbation_(values[:split], directions, scales[:split])
+        F.fused_perturb_(values[split:], grads[split:], second_moments[split:], eps[split:], scales[split:], adaptive)
 
     def end_sam_pass(self, loss: float | Tensor | None = None, adv_loss: float | Tensor | None = None) -> None:
         """Restore ``w`` exactly from the saved copy; ``p.grad`` now holds ``g_adv`` for :meth:`step`."""
