@@ -302,8 +302,8 @@ class ARS(AdaRMSuon):
         if values:
             self._perturb(params, values, weights, second_moments, eps, factors, rhos)  # w ← w + e
         self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
-        for p in all_params:
-            F.local(p.grad).zero_()
+        if all_params:  # one multi-tensor call: at depth the host's per-tensor cost is what a GPU waits on
+            torch._foreach_zero_([F.local(p.grad) for p in all_params])
         self._reshard()
 
     def _perturb(self, params: list[Tensor], values: list[Tensor], weights: list[Tensor],
