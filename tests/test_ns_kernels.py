@@ -248,3 +248,18 @@ def test_newton_schulz_picks_the_iteration_for_the_tensors_device(monkeypatch, d
         monkeypatch.setattr(F, name, lambda x, *a, name=name: called.append(name) or x)
     F.newton_schulz(torch.empty(shape, device=device), 5, F.NS_COEFFICIENTS, torch.float32)
     assert called == [f"newton_schulz_{expected}"]
+
+
+@pytest.mark.parametrize("shape", [(160, 48), (3, 128, 40)])
+@pytest.mark.parametrize("kernel", [F.newton_schulz_standard, F.newton_schulz_gram])
+def test_tall_matrices_iterate_from_the_right_without_a_transpose(kernel, shape):
+    """A tall ``X`` runs ``A = XᵀX, X = a·X + X·B``: in float64 the transpose of the wide iteration on
+    ``Xᵀ`` (the same polynomial), in float32 that to rounding — and the result comes back in ``X``'s own
+    contiguous layout (no transposed view that the caller would copy)."""
+    x = _matrix(shape, "conditioned", seed=2)
+    via_wide = kernel(x.double().mT.contiguous(), 5, F.NS_COEFFICIENTS, torch.float64).mT
+    tall = kernel(x.double(), 5, F.NS_COEFFICIENTS, torch.float64)
+    assert _rel(tall, via_wide) < 1e-12
+    result = kernel(x, 5, F.NS_COEFFICIENTS, torch.float32)
+    assert result.is_contiguous() and result.shape == x.shape
+    assert _rel(result, via_wide) < 1e-5
