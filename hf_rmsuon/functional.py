@@ -658,8 +658,8 @@ def _perturb_rows_(p: Tensor, g: Tensor, v: Tensor | None, eps: Tensor, scale: T
     p.copy_((p.float() + scale * _perturbation_direction(g, v, p, eps, adaptive)).to(p.dtype))
 
 
-# Where ``compile=True`` routes a tensor's SAM perturbation through the fused passes: the smallest local
-# size per device kind (absent kinds: never). Measured (benchmarks/scale.py's sam_bookkeeping part, Qwen3-0.6B
+# Where ``compile=True`` routes a tensor's SAM perturbation through the fused passes: the smallest size per
+# device kind (absent kinds: never), of the whole tensor — under FSDP2 every rank must choose alike. Measured (benchmarks/scale.py's sam_bookkeeping part, Qwen3-0.6B
 # shapes): on a CPU the fused passes take 0.65–0.68× the in-place chain's time at every size; on a GPU the
 # fused passes over the 151,936×1,024 embedding took 0.45× the chain's time (H200), but each compiled call
 # covers one tensor and costs the host ~90 µs, so 308 layer tensors took 2.7× the chain's (host-bound both
@@ -668,7 +668,8 @@ FUSED_SAM_MIN_NUMEL: dict[str, int] = {"cpu": 0, "cuda": 1 << 24}
 
 
 def fuses_sam_passes(t: Tensor) -> bool:
-    """Whether ``compile=True`` perturbs ``t`` (a local tensor) in the fused passes (:data:`FUSED_SAM_MIN_NUMEL`)."""
+    """Whether ``compile=True`` perturbs ``t`` in the fused passes (:data:`FUSED_SAM_MIN_NUMEL`); ``t``: the
+    parameter itself (a DTensor's ``numel`` is the whole tensor's, the same on every rank)."""
     least = FUSED_SAM_MIN_NUMEL.get(t.device.type)
     return least is not None and t.numel() >= least
 

@@ -229,13 +229,23 @@ def scenario_sam(rank: int) -> dict:
     from hf_rmsuon import functional as F
 
     compiled_ns, F.compiled_newton_schulz = F.compiled_newton_schulz, lambda: F.newton_schulz
+    routing = F.FUSED_SAM_MIN_NUMEL
     try:
         a_c, _ = run_closure("ars2_neo", True, steps=4, compile=True, **hp)
         b_c, _ = run_closure("ars2_neo", False, steps=4, compile=True, **hp)
+        # fused passes by size: 264 splits `wide` (33×16) into local shards of 272 and 256 values and the
+        # 512-value MLP matrices into 256 each — ranks deciding on their shards would disagree with each
+        # other and with the unsharded run (and pair their row-reduction collectives wrongly)
+        F.FUSED_SAM_MIN_NUMEL = {"cpu": 264}
+        a_m, _ = run_closure("ars2_neo", True, steps=4, compile=True, **hp)
+        b_m, _ = run_closure("ars2_neo", False, steps=4, compile=True, **hp)
     finally:
         F.compiled_newton_schulz = compiled_ns
+        F.FUSED_SAM_MIN_NUMEL = routing
     out["neo_compiled_rel"] = max(float((full(x) - y.detach()).norm() / y.detach().norm().clamp_min(1e-12))
                                   for x, y in zip(a_c.parameters(), b_c.parameters()))
+    out["neo_mixed_rel"] = max(float((full(x) - y.detach()).norm() / y.detach().norm().clamp_min(1e-12))
+                               for x, y in zip(a_m.parameters(), b_m.parameters()))
     out["compiled_vs_eager_rel"] = max(float((x - y).detach().norm() / y.detach().norm().clamp_min(1e-12))
                                        for x, y in zip(b_c.parameters(), b.parameters()))
 
@@ -427,6 +437,7 @@ def test_sam_under_fsdp2(results):
         # their row sums round differently from the eager ones and from another process's: sharded =
         # unsharded to float32 rounding, not bit for bit (seen: rank 0 identical, rank 1 1.9e-5 after 4 steps)
         assert r["neo_compiled_rel"] < 1e-4 and r["compiled_vs_eager_rel"] < 1e-4, r
+        assert r["neo_mixed_rel"] < 1e-4, r  # fused and chained tensors in one perturbation, chosen alike
         for accumulate in (1, 2):
             assert r[f"adv_rel_{accumulate}"] < 1e-4, r
             assert r[f"restored_{accumulate}"]

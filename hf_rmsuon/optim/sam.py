@@ -281,7 +281,7 @@ class ARS(AdaRMSuon):
         with_grad = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
         if self.defaults["compile"]:  # the tensors for the fused passes last (the sort is stable)
-            perturbed.sort(key=lambda pg: F.fuses_sam_passes(F.local(pg[0])))
+            perturbed.sort(key=lambda pg: F.fuses_sam_passes(pg[0]))
         params = [p for p, _ in perturbed]
         values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
         all_params = [p for p, _ in with_grad]
@@ -312,7 +312,9 @@ class ARS(AdaRMSuon):
         chain; with it, the tensors where :func:`F.fuses_sam_passes` (the last ones) take two fused passes
         that never store ``Ñ``, the rest the chain, under one ``‖N‖``."""
         adaptive, perturb_norm, reduce = self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce()
-        split = sum(not F.fuses_sam_passes(v) for v in values) if self.defaults["compile"] else len(values)
+        # decided on the whole parameters (DTensors under FSDP2): every rank splits alike, so the row
+        # reductions' collectives pair up
+        split = sum(not F.fuses_sam_passes(p) for p in params) if self.defaults["compile"] else len(params)
         grads = [F.local(p.grad) for p in params]
         # the chain: Ñ is built in the gradients' memory (zeroed for the replay anyway); the weight-copy
         # buffers serve as scratch for √v+ε' and |p| before they receive the weights
