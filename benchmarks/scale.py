@@ -500,7 +500,8 @@ NS_SHAPES = [(1024, 1024), (2048, 1024), (1024, 2048), (3072, 1024), (1024, 3072
 def _ns_standard_fresh_outputs(x: Tensor, steps: int, coefficients: tuple[float, float, float],
                                dtype: torch.dtype) -> Tensor:
     """The standard iteration as it was before its products wrote into reused buffers (a fresh output
-    per product; same arithmetic), kept as the comparison for ``F.newton_schulz_standard``."""
+    per product) and before tall matrices were multiplied from the right (here: on a transposed copy;
+    same polynomial), kept as the comparison for ``F.newton_schulz_standard``."""
     a, b, c = coefficients
     y = x.to(dtype)
     transposed = y.size(-2) > y.size(-1)
@@ -989,7 +990,8 @@ def _reuse_gain(e: dict[str, Any]) -> float | None:
 def ns_shapes_table(ns: dict[str, Any], title: str = "Newton–Schulz per shape") -> list[str]:
     """The per-shape Newton–Schulz table of the ``ns_shapes`` part, under ``title``."""
     out = [f"{title} ({ns['dtype']}, 5 steps, one matrix; time ÷ the standard iteration, paired; FLOP ratio of the Gram "
-           "iteration; the standard iteration's products into reused buffers ÷ into fresh outputs; what "
+           "iteration; the standard iteration's products into reused buffers ÷ into fresh outputs (runs from git "
+           "c36569c on: for tall shapes also multiplied from the right ÷ on a transposed copy); what "
            "`F.newton_schulz` picks):", "",
            "| shape | standard ms | Gram | Gram FLOPs | reused ÷ fresh buffers | compiled (`compile=True`; compile s) "
            "| picked | Gram vs standard (rel.) |",
