@@ -1219,8 +1219,8 @@ def gpu_section(results: Path | None) -> list[str]:
                     f"{sam_ms:.1f} ms of kernels (one of them the stand-in copy of the second gradient) against "
                     f"{step_ms:.1f} ms for the whole bf16 step: on a GPU Newton–Schulz takes a few milliseconds "
                     "while each elementwise pass over the 187 M values costs ~0.4 ms of memory traffic, so exact "
-                    "SAM's passes over every parameter (eleven in that profile; ten since the bias correction rides on "
-                    "ε) weigh about as much as the step itself. `compile=True` replaces the chain with two fused passes "
+                    "SAM's passes over every parameter (ten; eleven with a shear force) "
+                    "weigh about as much as the step itself. `compile=True` replaces the chain with two fused passes "
                     "for large tensors (`F.FUSED_SAM_MIN_NUMEL`; on a CPU for all): the SAM table above, where "
                     "`gpu.sh`'s \"sam\" stage ran.",
                     ""]
