@@ -851,9 +851,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out = {"optimizer_step": table, "adamw_track": track, "training_step": training, "targets": targets}
     if "sam_bookkeeping" in result:
         depths = result["sam_bookkeeping"]["depths"]
-        out["sam_bookkeeping"] = {layers: {k: row[k] for k in ("in_place_vs_step", "compiled_vs_step",
-                                                                 "compiled_vs_in_place", "fused_vs_step",
-                                                                 "fused_vs_in_place") if k in row}
+        out["sam_bookkeeping"] = {layers: {k: v for k, v in row.items() if k.endswith(("_vs_step", "_vs_in_place"))}
                                   for layers, row in depths.items()}
         for layers, row in depths.items():
             for path in SAM_PATHS[:2]:  # the shipped paths
@@ -1017,6 +1015,7 @@ def sam_bookkeeping_table(data: dict[str, Any]) -> list[str]:
            "| layers | parameters | matrix track | sync step | in-place chain | `compile=True` | all fused "
            "| `compile=True` ÷ in-place |",
            "|---|---|---|---|---|---|---|---|"]
+
     def duration(stats: dict[str, float]) -> str:
         ms = stats["median_ms"]
         return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"

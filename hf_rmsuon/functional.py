@@ -658,12 +658,13 @@ def _perturb_rows_(p: Tensor, g: Tensor, v: Tensor | None, eps: Tensor, scale: T
     p.copy_((p.float() + scale * _perturbation_direction(g, v, p, eps, adaptive)).to(p.dtype))
 
 
-# Where ``compile=True`` routes a tensor's SAM perturbation through the fused passes: the smallest size per
-# device kind (absent kinds: never), of the whole tensor — under FSDP2 every rank must choose alike. Measured (benchmarks/scale.py's sam_bookkeeping part, Qwen3-0.6B
-# shapes): on a CPU the fused passes take 0.65–0.68× the in-place chain's time at every size; on a GPU the
-# fused passes over the 151,936×1,024 embedding took 0.45× the chain's time (H200), but each compiled call
-# covers one tensor and costs the host ~90 µs, so 308 layer tensors took 2.7× the chain's (host-bound both
-# ways) — the break-even is near 10 M values.
+# Where ``compile=True`` routes a tensor's SAM perturbation through the fused passes
+# (:func:`fused_direction_norms`, :func:`fused_perturb_`): the smallest size per device kind (absent kinds:
+# never), of the whole tensor — under FSDP2 every rank must choose alike. Measured (benchmarks/scale.py's
+# sam_bookkeeping part, Qwen3-0.6B shapes): on a CPU the fused passes take 0.65–0.68× the in-place chain's
+# time at every size; on a GPU the fused passes over the 151,936×1,024 embedding took 0.45× the chain's
+# time (H200), but each compiled call covers one tensor and costs the host ~90 µs, so 308 layer tensors
+# took 2.7× the chain's (host-bound both ways) — the break-even is near 10 M values.
 FUSED_SAM_MIN_NUMEL: dict[str, int] = {"cpu": 0, "cuda": 1 << 24}
 
 
@@ -696,36 +697,15 @@ def fused_direction_norms(params: list[Tensor], grads: list[Tensor], exp_avg_sqs
 def fused_perturb_(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor | None], eps: Tensor,
                    scales: Tensor, adaptive: bool) -> None:
     """``w ← w + c_i·Ñ_i`` recomputing ``Ñ_i`` (as :func:`fused_direction_norms`), one ``torch.compile``-d
-    pass per tensor: reads ``g``, ``v``, ``p``, writes ``p`` once."""
+    pass per tensor: reads ``g``, ``v``, ``p``, writes ``p`` once — with :func:`fused_direction_norms` about
+    half the in-place chain's memory traffic (:func:`sam_perturbation_` + :func:`apply_perturbation_`);
+    ``c_i`` from :func:`perturbation_scales` (``√v̂+ε = (√v_i+ε_i)/f_i``). ``grads`` stay unchanged."""
     _, perturb_rows_ = _compiled_perturbation_kernels()
     for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):
         target = _rows(p)  # a view of p where p is contiguous, else of a copy (written back below)
         perturb_rows_(target, _rows(g), None if v is None else _rows(v), e, c, adaptive)
         if not p.is_contiguous():
             p.copy_(target.view(p.shape))
-
-
-def fused_sam_perturbation_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avg_sqs: list[Tensor | None],
-    eps: Tensor,
-    denom_factors: Tensor,
-    rhos: list[float] | Tensor,
-    adaptive: bool,
-    perturb_norm: str,
-    reduce: Reduce | None = None,
-) -> None:
-    """``w ← w + e`` (as :func:`sam_perturbation_` + :func:`apply_perturbation_`) in two ``torch.compile``-d
-    passes per tensor: ``‖Ñ‖`` (:func:`fused_direction_norms`), then ``w += c·Ñ`` (:func:`fused_perturb_`)
-    — the in-place chain takes about twice the memory traffic. ``√v̂+ε = (√v_i+ε_i)/f_i`` (``f_i`` =
-    ``denom_factors``; ``f_i = 1`` without a second moment). ``grads`` are left unchanged."""
-    _check_perturb_norm(perturb_norm)
-    if not params:
-        return
-    norms = fused_direction_norms(params, grads, exp_avg_sqs, eps, adaptive, reduce)
-    fused_perturb_(params, grads, exp_avg_sqs, eps, perturbation_scales(norms, rhos, perturb_norm, denom_factors),
-                   adaptive)
 
 
 def shear_force(adv_grads: list[Tensor], base_grads: list[Tensor], reduce: Reduce | None = None,

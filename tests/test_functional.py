@@ -253,7 +253,9 @@ def test_fused_sam_perturbation_matches_the_reference(ref, perturb_norm, adaptiv
     factors = torch.ones(3) if first_step else bcs.sqrt()
     moved, before = [p.clone() for p in params], [g.clone() for g in grads]
     moved[2] = moved[2].t().contiguous().t()
-    F.fused_sam_perturbation_(moved, grads, second, eps * factors, factors, [0.05] * 3, adaptive, perturb_norm)
+    norms = F.fused_direction_norms(moved, grads, second, eps * factors, adaptive)
+    F.fused_perturb_(moved, grads, second, eps * factors, F.perturbation_scales(norms, [0.05] * 3, perturb_norm,
+                                                                                 factors), adaptive)
     assert all(torch.equal(g, b) for g, b in zip(grads, before))
     _check_perturbation(ref, moved, grads, v_hats, params, eps, adaptive, perturb_norm, rtol=2e-5, atol=5e-7)
 

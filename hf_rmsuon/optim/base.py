@@ -46,7 +46,7 @@ COMMON_HPARAMS = (
     choice("on_nonfinite", "skip", ("skip", "raise"),
            "non-finite gradient: skip the whole step (decided on the device), or raise (one host read per step)"),
     flag("split_ns", True, "with a data_parallel_group (DDP), each rank orthogonalizes a share; results gathered"),
-    flag("compile", False, "torch.compile Newton–Schulz and, on a CPU, SAM's perturbation passes (off by default)"),
+    flag("compile", False, "torch.compile Newton–Schulz and SAM's perturbation passes where they pay (F.FUSED_SAM_MIN_NUMEL); off by default"),
 )
 
 #: Routing options: optimizer-wide, consumed when tensors are added (all ``--optim_args`` keys).

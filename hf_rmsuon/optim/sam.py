@@ -280,8 +280,10 @@ class ARS(AdaRMSuon):
             raise RuntimeError("begin_sam_pass() called twice for one step")
         with_grad = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         perturbed = [(p, group) for p, group in with_grad if group["rho"] > 0]
-        if self.defaults["compile"]:  # the tensors for the fused passes last (the sort is stable)
-            perturbed.sort(key=lambda pg: F.fuses_sam_passes(pg[0]))
+        # compile=True: the tensors for the fused passes last (a stable sort), decided on the whole parameters
+        # (DTensors under FSDP2) so that every rank splits alike and the row reductions' collectives pair up
+        fused = [self.defaults["compile"] and F.fuses_sam_passes(p) for p, _ in perturbed]
+        perturbed = [pg for _, pg in sorted(zip(fused, perturbed), key=lambda fp: fp[0])]
         params = [p for p, _ in perturbed]
         values = [F.local(p) for p in params]  # local shards under FSDP2 (aliasing the parameters)
         all_params = [p for p, _ in with_grad]
@@ -300,21 +302,19 @@ class ARS(AdaRMSuon):
         if isinstance(scale, Tensor) or scale != 1.0:
             rhos = rhos * (scale.to(device, exact) if isinstance(scale, Tensor) else scale)
         if values:
-            self._perturb(params, values, weights, second_moments, eps, factors, rhos)  # w ← w + e
+            self._perturb(params, values, weights, second_moments, eps, factors, rhos, fused.count(False))
         self._pass = {"params": values, "weights": weights, "grad_params": all_params, "base_grads": base_grads}
         if all_params:  # one multi-tensor call: at depth the host's per-tensor cost is what a GPU waits on
             torch._foreach_zero_([F.local(p.grad) for p in all_params])
         self._reshard()
 
     def _perturb(self, params: list[Tensor], values: list[Tensor], weights: list[Tensor],
-                 second_moments: list[Tensor | None], eps: Tensor, factors: Tensor, rhos: Tensor) -> None:
-        """Copy the weights into ``weights`` and move them to ``w + e``. Without ``compile`` the in-place
-        chain; with it, the tensors where :func:`F.fuses_sam_passes` (the last ones) take two fused passes
-        that never store ``Ñ``, the rest the chain, under one ``‖N‖``."""
+                 second_moments: list[Tensor | None], eps: Tensor, factors: Tensor, rhos: Tensor,
+                 split: int) -> None:
+        """Copy the weights into ``weights`` and move them to ``w + e``: the first ``split`` tensors by the
+        in-place chain, the rest (``compile=True``, :func:`F.fuses_sam_passes`) by two fused passes that
+        never store ``Ñ``, under one ``‖N‖``."""
         adaptive, perturb_norm, reduce = self.defaults["adaptive"], self.defaults["perturb_norm"], self._reduce()
-        # decided on the whole parameters (DTensors under FSDP2): every rank splits alike, so the row
-        # reductions' collectives pair up
-        split = sum(not F.fuses_sam_passes(p) for p in params) if self.defaults["compile"] else len(params)
         grads = [F.local(p.grad) for p in params]
         # the chain: Ñ is built in the gradients' memory (zeroed for the replay anyway); the weight-copy
         # buffers serve as scratch for √v+ε' and |p| before they receive the weights
