@@ -91,10 +91,11 @@ def test_scale_sam_bookkeeping_part_is_merged(tmp_path, monkeypatch, routing):
     measured = scale.SAM_PATHS if routing else scale.SAM_PATHS[:2]
     for path_name in scale.SAM_PATHS:
         assert (path_name in row) == (path_name in measured), path_name
-    for path_name in measured:
+    for path_name in (*measured, scale.SAM_FLOOR):
         assert row[path_name]["median_ms"] > 0 and row[f"{path_name}_vs_step"] > 0
     assert "sam_bookkeeping_compiled_1_layers" in result["summary"]["targets"]
     assert F.FUSED_SAM_MIN_NUMEL == (routing or {"cpu": 0, "cuda": 1 << 24})  # restored after the "fused" path
     text = "\n".join(scale.section(json.loads(path.read_text())))
-    assert "SAM bookkeeping by depth" in text and "| 1 |" in text
+    assert "SAM bookkeeping by depth" in text and "| 1 |" in text and "plain SAM's least" in text
+    assert "Even plain SAM's least" in text and "the 5% target at 1 layer(s)" in text
     assert ("= `compile=True`" in text) == (routing is None)
