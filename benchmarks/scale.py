@@ -1074,7 +1074,8 @@ def sam_bookkeeping_table(data: dict[str, Any]) -> list[str]:
                    + f"| {row['compiled_vs_in_place']:.2f} "
                    + (f"| {duration(row[SAM_FLOOR])} ({100 * row[f'{SAM_FLOOR}_vs_step']:.1f}%) |" if SAM_FLOOR in row
                       else "| not measured |"))
-    return out + [""]
+    floor = sam_floor_sentence(data)
+    return out + (["", floor.lstrip()] if floor else []) + [""]
 
 
 def section(data: dict[str, Any], results: Path | None = None) -> list[str]:
@@ -1156,8 +1157,7 @@ def section(data: dict[str, Any], results: Path | None = None) -> list[str]:
                 "values is ~1.5–2% of an NS-dominated step, so ~15% is near this protocol's floor on a CPU. "
                 "`compile=True` fuses the direction into two passes per tensor (`‖Ñ‖` by rows, then `w += c·Ñ`, each "
                 "reading `g`, `v`, `p`): five passes in all (six with a shear force) — the table below. The 2-layer "
-                "model is 83% embedding; at Qwen3-0.6B's own 28 layers the matrices' Newton–Schulz dominates."
-                + sam_floor_sentence(data)]
+                "model is 83% embedding; at Qwen3-0.6B's own 28 layers the matrices' Newton–Schulz dominates."]
     out += sam_bookkeeping_table(data)
     tr = s["adamw_track"]
     ad = data["adamw_track"]
