@@ -391,9 +391,9 @@ NONFINITE_CASES = [(n, {"k": 2} if n in SAM_MEMBERS else {}) for n in ALL] + [
     ("ars2_neo", dict(k=3, adaptive_sync=True, asi=True))]
 
 
-@pytest.mark.parametrize("name,extra", NONFINITE_CASES, ids=[f"{n}-{len(e)}" for n, e in NONFINITE_CASES])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_the_whole_step(ref, name, extra, bad):
+def _stepped_then_poisoned(ref, name, extra, poison):
+    """An optimizer after three good steps, its parameters, a snapshot, and a closure whose gradients
+    ``poison(model)`` then spoils."""
     model, x, y = ref.regression_problem(seed=2)
     opt = create_optimizer(name, model, lr=ref.TRAIN_LR[name], **extra)
     params = list(model.parameters())
@@ -403,10 +403,19 @@ def test_nonfinite_gradient_skips_the_whole_step(ref, name, extra, bad):
 
     def poisoned():
         loss = good()
-        model.fc1.weight.grad[0, 0] = bad  # one entry of one matrix-track tensor
+        poison(model)
         return loss
 
-    snap = _snapshot(opt, params)
+    return model, opt, params, good, poisoned, _snapshot(opt, params)
+
+
+@pytest.mark.parametrize("name,extra", NONFINITE_CASES, ids=[f"{n}-{len(e)}" for n, e in NONFINITE_CASES])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_the_whole_step(ref, name, extra, bad):
+    def poison(model):
+        model.fc1.weight.grad[0, 0] = bad  # one entry of one matrix-track tensor
+
+    model, opt, params, good, poisoned, snap = _stepped_then_poisoned(ref, name, extra, poison)
     opt.step(poisoned)  # decided on the device: nothing is read, nothing warned inside step()
     _assert_unchanged(opt, params, snap)
     with pytest.warns(RuntimeWarning, match="non-finite"):  # reported where the count is read
@@ -428,20 +437,11 @@ def test_nonfinite_gradient_skips_with_the_paired_halves_gate(ref, monkeypatch, 
     onto the tiny model): an inf in the second half of an AdamW-track tensor still skips the step."""
     from hf_rmsuon import functional as F
 
-    monkeypatch.setitem(F.PAIRED_HALVES_MIN_NUMEL, "cpu", 1)
-    model, x, y = ref.regression_problem(seed=2)
-    opt = create_optimizer(name, model, lr=ref.TRAIN_LR[name], **extra)
-    params = list(model.parameters())
-    good = _closure(opt, model, x, y)
-    for _ in range(3):
-        opt.step(good)
-
-    def poisoned():
-        loss = good()
+    def poison(model):
         model.fc2.bias.grad.view(-1)[-1] = float("inf")
-        return loss
 
-    snap = _snapshot(opt, params)
+    monkeypatch.setitem(F.PAIRED_HALVES_MIN_NUMEL, "cpu", 1)
+    _, opt, params, _, poisoned, snap = _stepped_then_poisoned(ref, name, extra, poison)
     opt.step(poisoned)
     _assert_unchanged(opt, params, snap)
     with pytest.warns(RuntimeWarning, match="non-finite"):
