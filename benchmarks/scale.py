@@ -1040,7 +1040,7 @@ def sam_floor_sentence(data: dict[str, Any]) -> str:
         return ""
     parts = [f"{100 * row[f'{SAM_FLOOR}_vs_step']:.1f}% of the sync step at {layers} layer(s) (`compile=True` "
              f"{row['compiled']['median_ms'] / row[SAM_FLOOR]['median_ms']:.1f}× it)" for layers, row in measured.items()]
-    return (" Even plain SAM's least — copy, one norm, one move, restore, with no preconditioned direction — "
+    return ("Even plain SAM's least — copy, one norm, one move, restore, with no preconditioned direction — "
             f"measured {'; '.join(parts)}: the floor for exact SAM on this machine (a kernel fusing the copy into the "
             "move would save one of its eight streams)"
             + "".join(f", {'above' if row[f'{SAM_FLOOR}_vs_step'] > 0.05 else 'within'} the 5% target at {layers} "
@@ -1075,7 +1075,7 @@ def sam_bookkeeping_table(data: dict[str, Any]) -> list[str]:
                    + (f"| {duration(row[SAM_FLOOR])} ({100 * row[f'{SAM_FLOOR}_vs_step']:.1f}%) |" if SAM_FLOOR in row
                       else "| not measured |"))
     floor = sam_floor_sentence(data)
-    return out + (["", floor.lstrip()] if floor else []) + [""]
+    return out + (["", floor] if floor else []) + [""]
 
 
 def section(data: dict[str, Any], results: Path | None = None) -> list[str]:

@@ -606,11 +606,6 @@ def decay_and_apply_(params: list[Tensor], updates: list[Tensor], lrs: list[floa
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_perturb_norm(perturb_norm: str) -> None:
-    if perturb_norm not in ("global", "per_tensor"):
-        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
-
-
 def sam_directions_(grads: list[Tensor], denoms: list[Tensor | None], params: list[Tensor],
                     adaptive: bool) -> list[Tensor]:
     """``Ñ_i = g/denom_i`` (``g`` where ``None``), ``⊙|p|`` when ``adaptive`` — **in place** in ``grads``
@@ -628,36 +623,12 @@ def sam_directions_(grads: list[Tensor], denoms: list[Tensor | None], params: li
     return grads
 
 
-def sam_perturbation_(
-    grads: list[Tensor],
-    denoms: list[Tensor | None],
-    params: list[Tensor],
-    rhos: list[float] | Tensor,
-    adaptive: bool,
-    perturb_norm: str,
-    reduce: Reduce | None = None,
-    denom_factors: Tensor | None = None,
-) -> tuple[list[Tensor], Tensor]:
-    """Manifold-aware SAM perturbation ``e = ρ·N/‖N‖``, ``N = g/(√v̂+ε)`` (``g`` where no ``v̂`` yet),
-    times ``|p|`` when ``adaptive``, as ``(Ñ, c)`` with ``e_i = c_i·Ñ_i`` — ``Ñ`` computed in place in
-    ``grads`` (:func:`sam_directions_`); the scaling is left to :func:`apply_perturbation_`, which folds
-    it into ``w ← w + e``. ``denom_factors``: per tensor ``f_i`` with ``√v̂+ε = denom_i/f_i``
-    (:func:`folded_rms_denominators`; 1 where ``None``), so ``N_i = f_i·Ñ_i`` and the factor goes into
-    ``c_i`` and ``‖N‖`` instead of a pass over the tensor. ``ρ`` is per tensor (its param group's;
-    floats, or a vector on the device when ASI adapts it); ``‖N‖`` is taken over all the given tensors
-    ("global") or is each tensor's own ("per_tensor")."""
-    _check_perturb_norm(perturb_norm)
-    if not grads:
-        return [], torch.zeros(0)
-    directions = sam_directions_(grads, denoms, params, adaptive)
-    return directions, perturbation_scales(frobenius_norms(directions, reduce), rhos, perturb_norm, denom_factors)
-
-
 def perturbation_scales(norms: Tensor, rhos: list[float] | Tensor, perturb_norm: str,
                         denom_factors: Tensor | None = None) -> Tensor:
     """The per-tensor ``c_i`` of ``e_i = c_i·Ñ_i``: ``ρ_i·f_i/(‖N‖+1e-12)`` with ``‖N_i‖ = f_i·‖Ñ_i‖``
     (``norms``: ``‖Ñ_i‖``; ``f_i`` = ``denom_factors``, 1 where ``None``), ``‖N‖`` global or per tensor."""
-    _check_perturb_norm(perturb_norm)
+    if perturb_norm not in ("global", "per_tensor"):
+        raise ValueError(f"perturb_norm must be 'global' or 'per_tensor', got {perturb_norm!r}")
     rho = rhos.to(norms.device, torch.float32) if isinstance(rhos, Tensor) else constant_vector(
         tuple(rhos), norms.device, torch.float32)
     if denom_factors is not None:
@@ -735,7 +706,7 @@ def fused_perturb_(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[
                    scales: Tensor, adaptive: bool) -> None:
     """``w ← w + c_i·Ñ_i`` recomputing ``Ñ_i`` (as :func:`fused_direction_norms`), one ``torch.compile``-d
     pass per tensor: reads ``g``, ``v``, ``p``, writes ``p`` once — with :func:`fused_direction_norms` about
-    half the in-place chain's memory traffic (:func:`sam_perturbation_` + :func:`apply_perturbation_`);
+    half the in-place chain's memory traffic (:func:`sam_directions_` + :func:`apply_perturbation_`);
     ``c_i`` from :func:`perturbation_scales` (``√v̂+ε = (√v_i+ε_i)/f_i``). ``grads`` stay unchanged."""
     _, perturb_rows_ = _compiled_perturbation_kernels()
     for p, g, v, e, c in zip(params, grads, exp_avg_sqs, eps.unbind(), scales.unbind()):

@@ -327,8 +327,7 @@ class ARS(AdaRMSuon):
             norms.append(F.fused_direction_norms(values[split:], grads[split:], second_moments[split:], eps[split:],
                                                  adaptive, reduce))
         scales = F.perturbation_scales(torch.cat(norms), rhos, perturb_norm, factors)
-        if weights:
-            torch._foreach_copy_(weights, values)
+        torch._foreach_copy_(weights, values)
         F.apply_perturbation_(values[:split], directions, scales[:split])
         F.fused_perturb_(values[split:], grads[split:], second_moments[split:], eps[split:], scales[split:], adaptive)
 
